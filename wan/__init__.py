@@ -1,0 +1,8 @@
+"""Wan2.1 networks: the bidirectional teacher/critic, the block-causal generator and their caches."""
+
+from .cache import CrossAttentionCache, KVCache
+from .causal_model import CausalWanModel
+from .config import PRESETS, WanConfig
+from .model import WanModel
+
+__all__ = ["PRESETS", "CausalWanModel", "CrossAttentionCache", "KVCache", "WanConfig", "WanModel"]

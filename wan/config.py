@@ -1,0 +1,89 @@
+"""Typed configuration of the Wan2.1 DiT, with presets.
+
+Every size used anywhere (tokens per frame, heads, head dim, text length, block count) derives from
+this dataclass; nothing else in the codebase hard-codes the 1.3B geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Hyper-parameters of a Wan2.1 text-to-video DiT (spec §1.1)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16
+    out_dim: int = 16
+    text_len: int = 512
+    text_dim: int = 4096
+    freq_dim: int = 256
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"WanConfig: dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"WanConfig: head_dim={self.head_dim} must be even for RoPE")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Real RoPE sub-dimensions per axis (time, height, width), spec §1.4: [44, 42, 42] for d=128."""
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+    def tokens_per_frame(self, latent_h: int, latent_w: int) -> int:
+        """Number of DiT tokens one latent frame of size (latent_h, latent_w) becomes."""
+        _, ph, pw = self.patch_size
+        if latent_h % ph or latent_w % pw:
+            raise ValueError(f"latent size {latent_h}x{latent_w} is not divisible by patch {ph}x{pw}")
+        return (latent_h // ph) * (latent_w // pw)
+
+    def frames_per_patch(self) -> int:
+        return self.patch_size[0]
+
+    def replace(self, **changes) -> WanConfig:
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def preset(name: str) -> WanConfig:
+        """Return a named preset: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b" or "tiny"."""
+        key = name.lower().replace("_", "-")
+        aliases = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
+        key = aliases.get(key, key)
+        if key not in PRESETS:
+            raise KeyError(f"unknown Wan preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[key]
+
+
+PRESETS: dict[str, WanConfig] = {
+    # Wan2.1-T2V-1.3B: ~1.419 B parameters.
+    "wan2.1-t2v-1.3b": WanConfig(),
+    # Wan2.1-T2V-14B: ~14.29 B parameters.
+    "wan2.1-t2v-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    # CPU test preset: 2 layers, 2 heads of dim 12 (RoPE split [4, 4, 4]), short text.
+    "tiny": WanConfig(
+        dim=24,
+        ffn_dim=48,
+        num_heads=2,
+        num_layers=2,
+        in_dim=4,
+        out_dim=4,
+        text_len=16,
+        text_dim=32,
+        freq_dim=16,
+    ),
+}

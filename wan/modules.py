@@ -1,0 +1,317 @@
+"""Building blocks of the Wan2.1 DiT (spec §1.2-§1.5), shared by the bidirectional and causal models.
+
+Parameter names match the official Wan2.1 checkpoints exactly (spec §1.7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .attention import attention
+from .config import WanConfig
+
+# A hook that turns this call's (roped) keys/values `[B, L, H, D]` into the keys/values to attend to
+# (the causal model's KV cache). None means: attend to this call's own tokens.
+KVHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the full feature dim, computed in float32 (spec §1.4)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (Wan runs all its norms in fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type_as(x)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """`[N] -> [N, dim]` with `[cos(t*w), sin(t*w)]`, w_i = 10000^(-i/(dim/2)), computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def rope_angles(
+    cfg: WanConfig, frames: int, height: int, width: int, start_frame: int, device
+) -> torch.Tensor:
+    """RoPE angles `[frames*height*width, head_dim/2]` (float64) for a token grid (spec §1.4).
+
+    Channel pairs (2i, 2i+1) are rotated together; the head_dim/2 pairs are split between time,
+    height and width as `rope_dims/2`. Time positions start at `start_frame` (absolute frame index of
+    the first frame), height/width at 0. Angles are computed directly, so there is no table limit.
+    """
+    angles = []
+    for axis_dim, n, offset in zip(cfg.rope_dims, (frames, height, width), (start_frame, 0, 0), strict=True):
+        theta = torch.pow(
+            10000.0, -torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
+        )
+        pos = torch.arange(offset, offset + n, dtype=torch.float64, device=device)
+        angles.append(pos[:, None] * theta[None, :])
+    t, h, w = angles
+    grid = torch.cat(
+        [
+            t[:, None, None, :].expand(frames, height, width, -1),
+            h[None, :, None, :].expand(frames, height, width, -1),
+            w[None, None, :, :].expand(frames, height, width, -1),
+        ],
+        dim=-1,
+    )
+    return grid.reshape(frames * height * width, -1)
+
+
+class Rope:
+    """cos/sin of the RoPE angles, `[L, 1, D/2]` each, ready to rotate `[B, L, H, D]` tensors."""
+
+    def __init__(self, angles: torch.Tensor) -> None:
+        self.cos = angles.cos()[:, None, :]
+        self.sin = angles.sin()[:, None, :]
+
+    def repeat(self, times: int) -> Rope:
+        """The same positions for `times` consecutive copies of the sequence (teacher forcing)."""
+        out = Rope.__new__(Rope)
+        out.cos = self.cos.repeat(times, 1, 1)
+        out.sin = self.sin.repeat(times, 1, 1)
+        return out
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        # Rotation in float64 like the reference implementation; cast back to the activation dtype.
+        xd = x.to(torch.float64).unflatten(-1, (-1, 2))
+        x1, x2 = xd[..., 0], xd[..., 1]
+        out = torch.stack([x1 * self.cos - x2 * self.sin, x1 * self.sin + x2 * self.cos], dim=-1)
+        return out.flatten(-2).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask=None, kv_hook: KVHook | None = None) -> torch.Tensor:
+        """x: `[B, L, dim]` -> `[B, L, dim]`."""
+        q = rope.apply(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)))
+        k = rope.apply(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if kv_hook is not None:
+            k, v = kv_hook(k, v)
+        return self.o(attention(q, k, v, mask).flatten(-2))
+
+
+class WanCrossAttention(WanSelfAttention):
+    """Text cross-attention: queries from video tokens, keys/values from the embedded text; no RoPE."""
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context `[B, Lt, dim]` -> k, v `[B, Lt, H, D]` (cacheable per video)."""
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def forward(self, x: torch.Tensor, text_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k, v = text_kv
+        return self.o(attention(q, k, v).flatten(-2))
+
+
+class WanAttentionBlock(nn.Module):
+    """One DiT block with 6-way adaLN modulation (spec §1.3)."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = (
+            LayerNorm32(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        )
+        self.cross_attn = WanCrossAttention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm32(dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        text_kv: tuple[torch.Tensor, torch.Tensor] | torch.Tensor,
+        rope: Rope,
+        mask=None,
+        kv_hook: KVHook | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x: `[B, L, dim]` tokens, frame-major; L must be a multiple of the number of modulation frames.
+            e0: `[B, Fm, 6, dim]` per-frame modulation (Fm = 1 broadcasts over all tokens).
+            text_kv: cached text keys/values, or the embedded context `[B, Lt, dim]` to project here.
+        """
+        b, length, dim = x.shape
+        fm = e0.shape[1]
+        mod = (self.modulation.float()[:, None] + e0.float()).chunk(6, dim=2)  # each [B, Fm, 1, dim]
+
+        def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            hv = h.float().view(b, fm, length // fm, dim)
+            return (hv * (1 + scale) + shift).view(b, length, dim).type_as(h)
+
+        def gated(res: torch.Tensor, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+            hv = h.float().view(b, fm, length // fm, dim) * gate
+            return (res.float() + hv.view(b, length, dim)).type_as(res)
+
+        # 1. self-attention with shift/scale/gate a0/a1/a2
+        h = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), rope, mask=mask, kv_hook=kv_hook)
+        x = gated(x, h, mod[2])
+        # 2. cross-attention (no modulation, no gate)
+        if isinstance(text_kv, torch.Tensor):
+            text_kv = self.cross_attn.text_kv(text_kv)
+        x = x + self.cross_attn(self.norm3(x), text_kv)
+        # 3. feed-forward with shift/scale/gate a3/a4/a5
+        h = self.ffn(modulate(self.norm2(x), mod[3], mod[4]))
+        return gated(x, h, mod[5])
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        out = math.prod(cfg.patch_size) * cfg.out_dim
+        self.norm = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x `[B, L, dim]`, e `[B, Fm, dim]` per-frame time embedding -> `[B, L, prod(patch)*out_dim]`."""
+        b, length, dim = x.shape
+        fm = e.shape[1]
+        # shift, scale: [B, Fm, 1, dim], broadcast over the tokens of their frame
+        shift, scale = (self.modulation.float()[:, None] + e.float()[:, :, None]).chunk(2, dim=2)
+        h = self.norm(x).float().view(b, fm, length // fm, dim)
+        h = (h * (1 + scale) + shift).view(b, length, dim)
+        return self.head(h.type_as(x))
+
+
+class WanBackbone(nn.Module):
+    """Embeddings, blocks and head shared by `WanModel` and `CausalWanModel` (no attention policy here)."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = Head(cfg)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    # -- initialisation (spec §1.6; only matters when training from scratch or in tests) --
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    # -- pieces used by both models --
+    def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x `[B, C, F, H, W]` -> tokens `[B, F'*H'*W', dim]` (frame-major) and the grid (F', H', W')."""
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = tuple(h.shape[2:])
+        return h.flatten(2).transpose(1, 2).contiguous(), grid  # type: ignore[return-value]
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """context `[B, L, text_dim]` with L <= text_len, zero-padded to text_len, -> `[B, text_len, dim]`."""
+        b, length, _ = context.shape
+        text_len = self.config.text_len
+        if length > text_len:
+            raise ValueError(f"text context has {length} tokens, more than text_len={text_len}")
+        if length < text_len:
+            context = torch.cat([context, context.new_zeros(b, text_len - length, context.shape[-1])], dim=1)
+        return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t `[B, Fm]` -> e `[B, Fm, dim]` (head) and e0 `[B, Fm, 6, dim]` (blocks)."""
+        b, fm = t.shape
+        dtype = self.time_embedding[0].weight.dtype
+        s = sinusoidal_embedding(t.flatten(), self.config.freq_dim).to(dtype)
+        e = self.time_embedding(s)
+        e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
+        return e.view(b, fm, -1), e0.view(b, fm, 6, -1)
+
+    def run_block(self, i: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        block = self.blocks[i]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+        return block(x, *args, **kwargs)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """`[B, F'*H'*W', prod(patch)*C]` -> `[B, C, F'*pt, H'*ph, W'*pw]` (channels fastest in a patch)."""
+        b = x.shape[0]
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = x.view(b, f, h, w, pt, ph, pw, self.config.out_dim)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, self.config.out_dim, f * pt, h * ph, w * pw)
+
+
+def frame_timesteps(t: torch.Tensor, batch: int, frames: int) -> torch.Tensor:
+    """Normalise timesteps `[B]` / `[B, F]` / scalar to `[B, F]`."""
+    t = torch.as_tensor(t)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.dim() == 1:
+        if t.shape[0] != batch:
+            raise ValueError(f"timestep has batch {t.shape[0]}, latents have {batch}")
+        return t[:, None].expand(batch, frames)
+    if t.shape != (batch, frames):
+        raise ValueError(f"per-frame timesteps must be [B, F]=({batch}, {frames}), got {tuple(t.shape)}")
+    return t
+
+
+__all__ = [
+    "Head",
+    "KVHook",
+    "LayerNorm32",
+    "RMSNorm",
+    "Rope",
+    "WanAttentionBlock",
+    "WanBackbone",
+    "WanCrossAttention",
+    "WanSelfAttention",
+    "frame_timesteps",
+    "rope_angles",
+    "sinusoidal_embedding",
+]
