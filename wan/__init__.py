@@ -4,5 +4,6 @@ from .cache import CrossAttentionCache, KVCache
 from .causal_model import CausalWanModel
 from .config import PRESETS, WanConfig
 from .model import WanModel
+from .wrapper import WanDiffusionWrapper
 
-__all__ = ["PRESETS", "CausalWanModel", "CrossAttentionCache", "KVCache", "WanConfig", "WanModel"]
+__all__ = ["PRESETS", "CausalWanModel", "CrossAttentionCache", "KVCache", "WanConfig", "WanDiffusionWrapper", "WanModel"]
