@@ -4,6 +4,16 @@ from .cache import CrossAttentionCache, KVCache
 from .causal_model import CausalWanModel
 from .config import PRESETS, WanConfig
 from .model import WanModel
+from .text_encoder import WanTextEncoder
+from .vae import StreamingDecoder, WanVAE
 from .wrapper import WanDiffusionWrapper
 
-__all__ = ["PRESETS", "CausalWanModel", "CrossAttentionCache", "KVCache", "WanConfig", "WanDiffusionWrapper", "WanModel"]
+__all__ = [
+    "PRESETS",
+    "CausalWanModel",
+    "CrossAttentionCache",
+    "KVCache",
+    "WanConfig",
+    "WanDiffusionWrapper",
+    "WanModel",
+]

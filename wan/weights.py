@@ -58,8 +58,19 @@ _IN_BLOCK = {
 }
 
 
-class WeightLoadError(RuntimeError):
+class WeightLoadError(ValueError):
     """A state dict does not match the model: names every missing, unexpected and mis-shaped key."""
+
+
+def raise_key_problems(source: str, missing, unexpected, misshaped, limit: int = 20) -> None:
+    """One error naming every missing, unexpected and mis-shaped key (first `limit` of each kind)."""
+    parts = []
+    for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        items = sorted(items)
+        if items:
+            parts.append(f"{len(items)} {name} keys: {items[:limit]}{' ...' if len(items) > limit else ''}")
+    if parts:
+        raise WeightLoadError(f"{source}: " + "; ".join(parts))
 
 
 def _rename(key: str, table: Mapping[str, str]) -> str | None:
@@ -194,12 +205,7 @@ def load_dit_weights(module: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
         for k in set(own) & set(sd)
         if tuple(sd[k].shape) != tuple(own[k].shape)
     )
-    if missing or unexpected or bad_shape:
-        parts = []
-        for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad_shape)):
-            if items:
-                parts.append(f"{len(items)} {name}: {items[:20]}{' ...' if len(items) > 20 else ''}")
-        raise WeightLoadError(f"{type(module).__name__} weights do not match: " + "; ".join(parts))
+    raise_key_problems(f"{type(module).__name__} weights do not match", missing, unexpected, bad_shape)
     module.load_state_dict(dict(sd), strict=True)
 
 
