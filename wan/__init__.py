@@ -10,10 +10,13 @@ from .wrapper import WanDiffusionWrapper
 
 __all__ = [
     "PRESETS",
+    "StreamingDecoder",
     "CausalWanModel",
     "CrossAttentionCache",
     "KVCache",
     "WanConfig",
     "WanDiffusionWrapper",
     "WanModel",
+    "WanTextEncoder",
+    "WanVAE",
 ]
