@@ -8,11 +8,16 @@ AutoencoderKLWan) with a few channels. Both are seeded, so every process builds 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from diffusers import AutoencoderKLWan
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from .config import WanConfig
+from .model import WanModel
 from .text_encoder import WanTextEncoder
 from .vae import WanVAE
+
+TOY_SEED = 1234  # every process builds the same toy teacher from this seed
 
 _CORPUS = [
     "a cat walks along a sunny street in the city",
@@ -79,3 +84,12 @@ def toy_vae(z_dim: int = 4, base_dim: int = 8, seed: int = 0) -> WanVAE:
             latents_std=[1.0] * z_dim,
         )
     return WanVAE(vae)
+
+
+def toy_dit_state_dict(wcfg: WanConfig, seed: int = TOY_SEED) -> dict[str, torch.Tensor]:
+    """Seeded random weights for a toy DiT (head not zero-initialised, so the toy teacher is not trivial)."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        model = WanModel(wcfg)
+        nn.init.normal_(model.head.head.weight, std=0.02)
+    return model.state_dict()
