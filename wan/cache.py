@@ -9,8 +9,8 @@ Design (deliberately different from upstream's dict-of-tensors with in-place shi
   L frames: frames `< S` keep their slots forever, later frames go to a ring of `L - S` frames.
   Nothing is ever shifted; attention does not depend on key order (positions are already in the
   keys), so attending to the whole buffer once it is full is exactly "sink + last L - S frames".
-* A forward with grad enabled never writes; it reads the detached context and attends to its own
-  fresh keys in addition (see `LayerKVCache.hook`). Context is therefore a constant to autograd.
+* A forward with grad enabled never writes; it reads the context (a constant to autograd) before
+  the block runs and attends to its own fresh keys in addition (see `LayerKVCache.hook`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,26 @@ class LayerKVCache:
         self.v = v
 
     def hook(self, start_frame: int, num_frames: int):
-        """Return the KV hook for a call covering frames `[start_frame, start_frame + num_frames)`."""
+        """Return the KV hook for a call covering frames `[start_frame, start_frame + num_frames)`.
+
+        With grad enabled the cached context is read *now*, before the block runs, so gradient
+        checkpointing recomputes the block against exactly the context the forward saw, even if
+        later blocks overwrite ring-buffer slots before backward.
+        """
         p = self.parent
         end_frame = start_frame + num_frames
         tpf = p.tokens_per_frame
 
-        def write_and_read(k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if torch.is_grad_enabled() and (k_new.requires_grad or v_new.requires_grad):
-                # Differentiable call: context from the cache (constant), own keys fresh.
-                idx = p.context_slots(start_frame, end_frame)
-                k_ctx, v_ctx = self._gather(idx)
+        if torch.is_grad_enabled():
+            # Differentiable call: context from the cache (a constant), own keys fresh; no write.
+            k_ctx, v_ctx = self._gather(p.context_slots(start_frame, end_frame))
+
+            def read_only(k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return torch.cat([k_ctx, k_new], dim=1), torch.cat([v_ctx, v_new], dim=1)
+
+            return read_only
+
+        def write_and_read(k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             slots = p.frame_slots(start_frame, end_frame)
             if slots == list(range(slots[0], slots[0] + len(slots))):  # contiguous: one copy
                 sl = slice(slots[0] * tpf, (slots[-1] + 1) * tpf)
@@ -47,8 +56,7 @@ class LayerKVCache:
                 for j, s in enumerate(slots):
                     self.k[:, s * tpf : (s + 1) * tpf] = k_new[:, j * tpf : (j + 1) * tpf]
                     self.v[:, s * tpf : (s + 1) * tpf] = v_new[:, j * tpf : (j + 1) * tpf]
-            window = p.window_slots(end_frame)
-            return self._gather(window)
+            return self._gather(p.window_slots(end_frame))
 
         return write_and_read
 
@@ -58,7 +66,7 @@ class LayerKVCache:
             sl = slice(frame_slots.start * tpf, frame_slots.stop * tpf)
             return self.k[:, sl], self.v[:, sl]
         token_idx = (
-            torch.tensor(frame_slots, device=self.k.device)[:, None] * tpf
+            torch.tensor(frame_slots, dtype=torch.long, device=self.k.device)[:, None] * tpf
             + torch.arange(tpf, device=self.k.device)
         ).flatten()
         return self.k.index_select(1, token_idx), self.v.index_select(1, token_idx)

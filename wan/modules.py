@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import attention
 from .config import WanConfig
@@ -34,10 +35,16 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 and cast back (Wan runs all its norms in fp32)."""
+    """LayerNorm computed in float32 and cast back (Wan runs all its norms in fp32).
+
+    The affine parameters are upcast too, so it works when FSDP mixed precision or `.to(bf16)`
+    made them bf16.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

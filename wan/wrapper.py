@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .causal_model import CausalWanModel
+from .gan_head import classify_forward
 from .model import WanModel
 
 
@@ -40,8 +41,9 @@ class WanDiffusionWrapper(nn.Module):
         noisy: torch.Tensor,
         timestep: torch.Tensor,
         context: torch.Tensor,
+        classify: bool = False,
         **model_kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """
         Args:
             noisy: `[B, F, C, H, W]` noisy latents.
@@ -49,9 +51,12 @@ class WanDiffusionWrapper(nn.Module):
             context: text embeddings `[B, L, text_dim]`.
             model_kwargs: passed to the DiT (`kv_cache`, `crossattn_cache`, `current_start_frame`,
                 `clean_x` as `[B, F, C, H, W]`, `aug_t`).
+            classify: run the GAN discriminator head instead (see `wan.gan_head`).
         Returns:
-            `(flow_pred, x0_pred)`, both `[B, F, C, H, W]`.
+            `(flow_pred, x0_pred)`, both `[B, F, C, H, W]`; with `classify`, logits `[B, num_class]`.
         """
+        if classify:
+            return classify_forward(self, noisy, timestep, context)
         if "clean_x" in model_kwargs and model_kwargs["clean_x"] is not None:
             model_kwargs["clean_x"] = model_kwargs["clean_x"].transpose(1, 2)
         flow = self.model(noisy.transpose(1, 2), timestep, context, **model_kwargs).transpose(1, 2)
