@@ -1,0 +1,328 @@
+"""Encode a folder of videos into Wan VAE latents in LMDB (clean latents for GAN / diffusion / I2V).
+
+Input is DiffSynth-Studio's layout: a metadata file with a ``video`` column (path relative to
+``--video_dir``, or absolute) and a ``prompt`` column, as CSV (header row), JSON (a list of objects) or
+JSONL (one object per line). Each video becomes one float16 row ``[F, C, h, w]`` in ``<out>/shard_{rank}``
+(read back by ``LatentLMDBDataset``) with its prompt, keyed by its metadata path:
+
+1. decode with ffmpeg (imageio-ffmpeg) the first ``1 + (num_frames - 1) * frame_stride`` frames and keep
+   every ``frame_stride``-th: ``num_frames`` pixel frames, ``num_frames = 1 + 4k`` for the Wan VAE;
+2. scale (bilinear, antialiased) so the frame covers ``height x width``, then centre-crop to it;
+3. map to [-1, 1] and ``WanVAE.encode`` (posterior mean, normalised) -> ``F = 1 + (num_frames - 1) / 4``.
+
+A video that cannot be read (missing, corrupt, too short) is logged, counted and skipped; the job goes
+on. Resumable: a restart (or a rerun with a longer metadata file) skips every video already stored.
+
+    python scripts/encode_videos.py --video_dir videos/ --metadata videos/metadata.csv \\
+        --out data/latents --vae wan_models/Wan2.1-T2V-1.3B-Diffusers --height 480 --width 832 --num_frames 81
+    torchrun --nproc_per_node 8 scripts/encode_videos.py ...                 # one shard per rank
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from scripts._common import DTYPES, check_output, sum_over_ranks, write_manifest
+from utils.dataset import shard_indices
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.lmdb import LMDBWriter, read_done_keys, shard_path
+from utils.logging import setup_logging
+
+logger = logging.getLogger(__name__)
+
+METADATA_COLUMNS = ("video", "prompt")
+
+
+class VideoReadError(RuntimeError):
+    """A video could not be turned into a clip (unreadable, corrupt or too short)."""
+
+
+# 1. Metadata -----------------------------------------------------------------------------------------
+
+
+def _records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line or item number, record) pairs of a CSV / JSON / JSONL metadata file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps quoted newlines inside a field
+        missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: CSV header {reader.fieldnames} lacks column(s) {missing}")
+        return [(reader.line_num, row) for row in reader]
+    if suffix == ".jsonl":
+        out = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append((number, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {number} is not JSON ({err})") from err
+        return out
+    if suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err})") from err
+        if not isinstance(items, list):
+            raise ValueError(
+                f"{path}: expected a JSON list of {{video, prompt}} objects, got {type(items).__name__}"
+            )
+        return list(enumerate(items, start=1))
+    raise ValueError(f"{path}: unknown metadata format {suffix!r}; use .csv, .json or .jsonl")
+
+
+def read_metadata(path: str | Path) -> list[tuple[str, str]]:
+    """``(video, prompt)`` pairs of a metadata file, first occurrence of each video kept."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 at byte {err.start}") from err
+    entries: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, record in _records(path, text):
+        if not isinstance(record, dict) or any(not isinstance(record.get(c), str) for c in METADATA_COLUMNS):
+            raise ValueError(
+                f"{path}: entry {number} must have string fields {METADATA_COLUMNS}, got {record!r}"
+            )
+        video, prompt = record["video"].strip(), record["prompt"].strip()
+        if not video or not prompt:
+            raise ValueError(f"{path}: entry {number} has an empty video or prompt: {record!r}")
+        if video not in seen:
+            seen.add(video)
+            entries.append((video, prompt))
+    if not entries:
+        raise ValueError(f"{path}: no videos listed")
+    return entries
+
+
+# 2. Frames -------------------------------------------------------------------------------------------
+
+
+def read_frames(path: str | Path, count: int, stride: int) -> np.ndarray:
+    """Frames ``0, stride, ..., (count - 1) * stride`` of a video as uint8 ``[count, H, W, 3]`` (RGB).
+
+    Raises:
+        VideoReadError: if ffmpeg cannot decode the file or it has too few frames.
+    """
+    needed = (count - 1) * stride + 1
+    # ffmpeg stops after `needed` frames, so long videos are not decoded to the end.
+    reader = imageio_ffmpeg.read_frames(str(path), output_params=["-frames:v", str(needed)])
+    frames = []
+    try:
+        meta = next(reader)
+        width, height = meta["size"]
+        for raw in reader:
+            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
+    except Exception as err:  # ffmpeg reports every kind of failure as a generic error
+        raise VideoReadError(
+            f"{path}: cannot decode ({str(err).strip().splitlines()[0] if str(err) else err!r})"
+        ) from err
+    finally:
+        reader.close()
+    if len(frames) < needed:
+        raise VideoReadError(
+            f"{path}: has {len(frames)} frames, {needed} needed for {count} frames at stride {stride}"
+        )
+    return np.stack(frames[::stride][:count])
+
+
+def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[T, 3, h, w]`` float -> ``[T, 3, height, width]``: scale (bilinear, antialiased) by the smallest
+    factor that covers the target, each side rounded to the nearest pixel, then centre-crop."""
+    h, w = frames.shape[-2:]
+    scale = max(height / h, width / w)
+    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
+    if (new_h, new_w) != (h, w):
+        frames = F.interpolate(
+            frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
+        )
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    return frames[..., top : top + height, left : left + width]
+
+
+def load_clip(path: str | Path, num_frames: int, stride: int, height: int, width: int) -> torch.Tensor:
+    """A video as VAE input ``[3, num_frames, height, width]`` float32 in [-1, 1] (raises VideoReadError)."""
+    frames = torch.from_numpy(read_frames(path, num_frames, stride)).permute(0, 3, 1, 2).float()
+    frames = resize_center_crop(frames, height, width)
+    return (frames / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
+
+
+class VideoClips(Dataset):
+    """Decodes clips in DataLoader workers; an unreadable video yields its error instead of pixels."""
+
+    def __init__(
+        self,
+        entries: list[tuple[str, str]],
+        root: Path,
+        num_frames: int,
+        stride: int,
+        height: int,
+        width: int,
+    ):
+        self.entries, self.root = entries, root
+        self.num_frames, self.stride, self.height, self.width = num_frames, stride, height, width
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        video, prompt = self.entries[i]
+        item: dict[str, Any] = {"video": video, "prompt": prompt, "pixels": None, "error": None}
+        try:
+            item["pixels"] = load_clip(
+                self.root / video, self.num_frames, self.stride, self.height, self.width
+            )
+        except VideoReadError as err:
+            item["error"] = str(err)
+        return item
+
+
+# 3. Job ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--video_dir", required=True, help="folder the metadata's video paths are relative to"
+    )
+    parser.add_argument("--metadata", required=True, help="CSV / JSON / JSONL with 'video' and 'prompt'")
+    parser.add_argument("--out", required=True, help="output folder; rank r writes the LMDB <out>/shard_r")
+    parser.add_argument(
+        "--vae",
+        required=True,
+        help="a diffusers-format Wan folder (with vae/), or Wan's original Wan2.1_VAE.pth",
+    )
+    parser.add_argument("--append", action="store_true", help="write into an output made with other settings")
+    parser.add_argument("--height", type=int, default=480, help="pixel height after resize + centre crop")
+    parser.add_argument("--width", type=int, default=832, help="pixel width after resize + centre crop")
+    parser.add_argument("--num_frames", type=int, default=81, help="pixel frames per clip, 1 + 4k for Wan")
+    parser.add_argument("--frame_stride", type=int, default=1, help="keep every n-th decoded frame")
+    parser.add_argument("--batch_size", type=int, default=1, help="clips per VAE call")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader processes decoding videos")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="VAE dtype")
+    args = parser.parse_args(argv)
+    for name in ("height", "width", "num_frames", "frame_stride", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers must be >= 0, got {args.num_workers}")
+    return args
+
+
+def _load_vae(path: str, device: torch.device, dtype: torch.dtype):
+    from wan.vae import WanVAE  # diffusers is heavy: import when the job really starts
+
+    vae_path = Path(path)
+    if vae_path.is_dir():
+        return WanVAE.from_diffusers_folder(vae_path, dtype=dtype, device=device)
+    if vae_path.is_file():
+        return WanVAE.from_original(vae_path, dtype=dtype, device=device)
+    raise FileNotFoundError(f"--vae {vae_path}: no such file or folder")
+
+
+def encode(args: argparse.Namespace, info: DistInfo) -> dict[str, int]:
+    """Run this rank's share; returns counts over all ranks: ``written`` rows and ``skipped`` videos."""
+    # 1. metadata and the output's consistency with these settings
+    entries = read_metadata(args.metadata)
+    root = Path(args.video_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--video_dir {root}: no such folder")
+    # Rows are keyed by video, so a longer metadata file later just adds work: the manifest holds only
+    # what decides a row's content.
+    settings = {
+        "job": "encode_videos",
+        "vae": args.vae,
+        "dtype": args.dtype,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "frame_stride": args.frame_stride,
+    }
+    out = Path(args.out)
+    fresh = check_output(out, settings, args.append)
+    done = read_done_keys(out)
+    barrier()  # every rank has read the shards before anyone opens one for writing
+    if fresh and info.rank == 0:
+        write_manifest(out, settings)
+    mine = [entries[i] for i in shard_indices(len(entries), info.rank, info.world_size)]
+    todo = [e for e in mine if e[0] not in done]
+    logger.info(
+        "%d videos, %d already in %s; this rank: %d to encode", len(entries), len(done), out, len(todo)
+    )
+
+    # 2. VAE and geometry
+    vae = _load_vae(args.vae, info.device, DTYPES[args.dtype])
+    s, t = vae.spatial_compression, vae.temporal_compression
+    if (args.num_frames - 1) % t or args.height % s or args.width % s:
+        raise ValueError(
+            f"--num_frames {args.num_frames} must be 1 + {t}k and --height {args.height} / --width {args.width} "
+            f"multiples of {s} for this VAE"
+        )
+    row_shape = (1 + (args.num_frames - 1) // t, vae.z_dim, args.height // s, args.width // s)
+
+    # 3. decode in workers, encode and commit one batch at a time
+    clips = VideoClips(todo, root, args.num_frames, args.frame_stride, args.height, args.width)
+    loader = DataLoader(clips, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=list)
+    written = skipped = 0
+    barrier()
+    start = time.perf_counter()
+    if todo:
+        bar = tqdm(
+            total=len(todo), desc="encode videos", unit="video", disable=info.rank != 0, dynamic_ncols=True
+        )
+        with LMDBWriter(shard_path(out, info.rank), append=True, row_shape=row_shape) as writer:
+            for batch in loader:
+                good = [item for item in batch if item["pixels"] is not None]
+                for item in batch:
+                    if item["error"] is not None:
+                        logger.warning("skipped: %s", item["error"])
+                skipped += len(batch) - len(good)
+                if good:
+                    pixels = torch.stack([item["pixels"] for item in good]).to(info.device)
+                    latents = vae.encode(pixels)  # [B, F, C, h, w]
+                    writer.write_many(
+                        [item["prompt"] for item in good], latents, keys=[item["video"] for item in good]
+                    )
+                    written += len(good)
+                bar.update(len(batch))
+        bar.close()
+
+    # 4. totals over all ranks
+    written, skipped = sum_over_ranks(written, info.device), sum_over_ranks(skipped, info.device)
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    logger.info(
+        "wrote %d rows of shape %s, skipped %d unreadable videos, on %d rank(s) in %.1f s: %.3f rows/s",
+        written, row_shape, skipped, info.world_size, elapsed, written / elapsed,
+    )  # fmt: skip
+    return {"written": written, "skipped": skipped}
+
+
+def main(argv: list[str] | None = None) -> dict[str, int]:
+    args = parse_args(argv)
+    info = init_distributed()
+    setup_logging(info.rank)
+    try:
+        return encode(args, info)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
