@@ -221,6 +221,10 @@ class CrossAttentionCache:
     def __init__(self, num_layers: int) -> None:
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
+    def slot(self, layer: int, context: torch.Tensor | None) -> TextKVSlot:
+        """Handle through which block `layer` reads (or fills) its entry, inside its own forward."""
+        return TextKVSlot(self, layer, context)
+
     @classmethod
     def for_model(cls, model) -> CrossAttentionCache:
         return cls(model.config.num_layers)
@@ -231,3 +235,27 @@ class CrossAttentionCache:
 
     def reset(self) -> None:
         self.kv = [None] * len(self.kv)
+
+
+class TextKVSlot:
+    """One block's cross-attention cache entry plus the embedded context to fill it from.
+
+    The block computes the keys/values inside its own forward (where FSDP has gathered its
+    parameters) and stores them here.
+    """
+
+    def __init__(self, cache: CrossAttentionCache, layer: int, context: torch.Tensor | None) -> None:
+        self.cache = cache
+        self.layer = layer
+        self.context = context
+
+    def get(self, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.cache.kv[self.layer]
+        if kv is None:
+            if self.context is None:
+                raise ValueError(
+                    f"cross-attention cache of block {self.layer} is empty and no context was given"
+                )
+            kv = compute(self.context)
+            self.cache.kv[self.layer] = kv
+        return kv

@@ -153,13 +153,8 @@ class CausalWanModel(WanBackbone):
         grad = torch.is_grad_enabled()
         use_xcache = crossattn_cache is not None and not grad
         text = None if (use_xcache and crossattn_cache.is_init) else self.embed_text(context)
-        for i, block in enumerate(self.blocks):
-            if use_xcache:
-                if crossattn_cache.kv[i] is None:
-                    crossattn_cache.kv[i] = block.cross_attn.text_kv(text)
-                text_i = crossattn_cache.kv[i]
-            else:
-                text_i = text
+        for i in range(len(self.blocks)):
+            text_i = crossattn_cache.slot(i, text) if use_xcache else text
             hook = kv_cache.layers[i].hook(start_frame, frames)
             tokens = self.run_block(i, tokens, e0, text_i, rope, kv_hook=hook)
         return self.unpatchify(self.head(tokens, e), grid)

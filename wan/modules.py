@@ -172,7 +172,8 @@ class WanAttentionBlock(nn.Module):
         Args:
             x: `[B, L, dim]` tokens, frame-major; L must be a multiple of the number of modulation frames.
             e0: `[B, Fm, 6, dim]` per-frame modulation (Fm = 1 broadcasts over all tokens).
-            text_kv: cached text keys/values, or the embedded context `[B, Lt, dim]` to project here.
+            text_kv: the embedded context `[B, Lt, dim]` to project here, its keys/values, or a
+                `TextKVSlot` of a cross-attention cache (read, or filled on first use).
         """
         b, length, dim = x.shape
         fm = e0.shape[1]
@@ -189,9 +190,11 @@ class WanAttentionBlock(nn.Module):
         # 1. self-attention with shift/scale/gate a0/a1/a2
         h = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), rope, mask=mask, kv_hook=kv_hook)
         x = gated(x, h, mod[2])
-        # 2. cross-attention (no modulation, no gate)
+        # 2. cross-attention (no modulation, no gate); K/V computed here, where FSDP gathered the weights
         if isinstance(text_kv, torch.Tensor):
             text_kv = self.cross_attn.text_kv(text_kv)
+        elif not isinstance(text_kv, tuple):  # a cross-attention cache slot
+            text_kv = text_kv.get(self.cross_attn.text_kv)
         x = x + self.cross_attn(self.norm3(x), text_kv)
         # 3. feed-forward with shift/scale/gate a3/a4/a5
         h = self.ffn(modulate(self.norm2(x), mod[3], mod[4]))

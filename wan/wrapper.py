@@ -59,6 +59,9 @@ class WanDiffusionWrapper(nn.Module):
             return classify_forward(self, noisy, timestep, context)
         if "clean_x" in model_kwargs and model_kwargs["clean_x"] is not None:
             model_kwargs["clean_x"] = model_kwargs["clean_x"].transpose(1, 2)
-        flow = self.model(noisy.transpose(1, 2), timestep, context, **model_kwargs).transpose(1, 2)
+        # contiguous: FSDP warns that in-place ops on a returned view would skip its backward hook
+        flow = (
+            self.model(noisy.transpose(1, 2), timestep, context, **model_kwargs).transpose(1, 2).contiguous()
+        )
         t = torch.as_tensor(timestep, device=noisy.device)
         return flow, self.scheduler.x0_from_flow(noisy, flow, t)
