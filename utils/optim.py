@@ -1,0 +1,68 @@
+"""AdamW construction, linear LR warm-up and gradient clipping that works for FSDP2 parameters."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def build_optimizer(
+    params: Iterable[nn.Parameter],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad (upstream: generator and critic optimisers, §6.3)."""
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        raise ValueError("build_optimizer: no parameter requires grad (is the module frozen?)")
+    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+class LinearWarmup:
+    """LR multiplier for `torch.optim.lr_scheduler.LambdaLR`: `(step + 1) / warmup_steps`, then 1.
+
+    `step` counts optimizer steps already taken, so the first step runs at `lr / warmup_steps` and
+    step `warmup_steps - 1` at the full `lr`. `warmup_steps = 0` keeps the LR constant (upstream).
+    A class rather than a lambda so the scheduler's state dict can be checkpointed.
+    """
+
+    def __init__(self, warmup_steps: int) -> None:
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        if self.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.warmup_steps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `LinearWarmup(warmup_steps)`; call `.step()` after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
+
+
+def clip_grad_norm(module_or_params: nn.Module | Iterable[torch.Tensor], max_norm: float) -> float:
+    """Clip gradients to a global L2 norm of `max_norm`; return the norm before clipping.
+
+    Sharded (DTensor) gradients are reduced across ranks, so the returned python float is the norm
+    of the full gradient and identical on every rank. `max_norm = inf` only measures. A non-finite
+    norm is returned as is (the trainer skips such steps) and gradients are left untouched.
+    """
+    params = module_or_params.parameters() if isinstance(module_or_params, nn.Module) else module_or_params
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in with_grad]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    # For DTensor gradients the norm is a DTensor; full_tensor() makes it the global value on every rank.
+    total = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if math.isfinite(total) and total > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm, foreach=True)
+    return total
