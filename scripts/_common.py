@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from utils.config import WAN_NEGATIVE_PROMPT  # noqa: F401 - re-exported for the scripts
 from utils.lmdb import LMDBFormatError, LMDBReader, find_envs
 from utils.scheduler import FlowMatchScheduler
 from wan import WanConfig, WanDiffusionWrapper, WanModel
@@ -29,13 +30,6 @@ from wan.weights import load_dit_weights, read_dit_weights
 
 logger = logging.getLogger(__name__)
 
-# Wan2.1's default negative prompt (`sample_neg_prompt` in Wan's shared config), used unchanged by
-# upstream's ODE-pair generation.
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
-    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
-    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
-)
 MANIFEST_NAME = "job.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Spread of the random weights of a demo teacher: Wan zero-inits its head, so a freshly built model
@@ -69,7 +63,8 @@ def add_teacher_args(parser: argparse.ArgumentParser) -> None:
         "--weights",
         default=None,
         help="DiT weights: an official/diffusers safetensors file or folder, or a .pt state dict. May be "
-        "omitted only with --model tiny, which then uses random weights drawn from --seed (CPU demos, tests)",
+        "omitted only with --model tiny, which then uses random weights drawn from --seed (CPU demos, tests); "
+        "'toy' = the toy world's teacher (the same weights train.py gives the tiny preset)",
     )
     group.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="teacher dtype (upstream: float32)"
@@ -98,7 +93,11 @@ def build_teacher(
     # Built straight on the target device: no CPU copy of a 14B model, and GPU init is quick.
     with torch.device(device):
         net = WanModel(cfg)
-    if weights is not None:
+    if weights == "toy":
+        from wan.toy import toy_dit_state_dict  # the toy world's teacher, identical to train.py's
+
+        load_dit_weights(net, toy_dit_state_dict(cfg))
+    elif weights is not None:
         load_dit_weights(net, read_dit_weights(weights))
         logger.info("teacher %s: loaded %s", model, weights)
     else:
@@ -119,8 +118,8 @@ def add_text_encoder_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--text_encoder",
         default=None,
-        help="a diffusers-format Wan folder (text_encoder/ + tokenizer/), or Wan's original "
-        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer)",
+        help="a diffusers-format Wan folder (text_encoder/ + tokenizer/), Wan's original "
+        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer), or 'toy' (the toy world's tiny umT5)",
     )
     group.add_argument(
         "--tokenizer", default=None, help="umT5 tokenizer folder, for an original .pth encoder"
@@ -156,6 +155,11 @@ def build_prompt_encoder(args: argparse.Namespace, cfg: WanConfig, device: torch
 
     from wan.text_encoder import WanTextEncoder  # transformers is heavy; only load it when used
 
+    if args.text_encoder == "toy":  # the toy world's seeded tiny umT5, identical to train.py's
+        from wan.toy import toy_text_encoder
+
+        toy = toy_text_encoder(text_dim=cfg.text_dim, text_len=cfg.text_len).to(device)
+        return lambda prompts: toy(prompts)["prompt_embeds"]
     path = Path(args.text_encoder)
     if path.is_dir():
         encoder = WanTextEncoder.from_diffusers_folder(path, device=device, text_len=cfg.text_len)

@@ -21,6 +21,9 @@ an LMDB written by another job, is refused unless ``--append`` is given.
     torchrun --nproc_per_node 8 scripts/generate_ode_pairs.py ...           # one shard per rank
     python scripts/generate_ode_pairs.py --prompts p.txt --out /tmp/ode --model tiny \\
         --hashed_text_embeddings --latent_frames 3 --latent_height 8 --latent_width 8   # CPU demo
+    python scripts/generate_ode_pairs.py --prompts configs/prompts_toy.txt --out data/toy_ode \\
+        --model tiny --weights toy --text_encoder toy --latent_frames 6 --latent_height 8 \\
+        --latent_width 8 --num_steps 8 --keep_indices 0 2 4 6 -1          # the toy world's ODE pairs
 """
 
 from __future__ import annotations

@@ -1,0 +1,230 @@
+"""Build the networks of a run from its config: structure and weights are separate steps.
+
+`make_*` functions build structure on the current default device (the trainer calls them under
+`torch.device("meta")`, shards, then loads); `*_weights` functions read the full state dict that
+rank 0 loads and broadcasts. Weight paths come from the config only; a tiny preset without a path
+gets seeded random weights (the toy world), any other preset without a path is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from utils.config import ConfigError, TrainConfig
+from utils.scheduler import FlowMatchScheduler
+from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
+from wan.weights import read_dit_weights
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("generator", "real_score", "fake_score")
+
+
+def wan_config(cfg: TrainConfig, role: str) -> WanConfig:
+    return WanConfig.preset(getattr(cfg, f"{role}_model"))
+
+
+def make_dit(cfg: TrainConfig, role: str) -> WanDiffusionWrapper:
+    """Structure of one DiT role wrapped for `[B, F, C, H, W]` use (weights uninitialised semantics)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+    wcfg = wan_config(cfg, role)
+    if role == "generator":
+        model: nn.Module = CausalWanModel(
+            wcfg,
+            num_frame_per_block=cfg.num_frame_per_block,
+            local_attn_size=cfg.model_kwargs.local_attn_size,
+            sink_size=cfg.model_kwargs.sink_size,
+            independent_first_frame=cfg.independent_first_frame,
+        )
+    else:
+        model = WanModel(wcfg)
+    scheduler = FlowMatchScheduler(
+        shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
+    )
+    return WanDiffusionWrapper(model, scheduler)
+
+
+def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:
+    """Full state dict (official key names, CPU) for `role`, to load into `make_dit(...).model`.
+
+    The generator reads `generator_ckpt` (a Self-Forcing `.pt` -> its `generator` entry, upstream's
+    `ode_init.pt`, or a Wan model folder); without it, it starts from the critic's/teacher's weights
+    (as upstream initialises every role from a Wan base model).
+    """
+    path = getattr(cfg, f"{role}_ckpt")
+    if role == "generator" and path is None:
+        path = cfg.fake_score_ckpt or cfg.real_score_ckpt
+        source = "fake_score" if cfg.fake_score_ckpt else "real_score"
+        if path is not None and wan_config(cfg, source) != wan_config(cfg, "generator"):
+            path = None
+    if path is not None:
+        key = {"generator": "generator", "fake_score": "critic", "real_score": "generator"}[role]
+        logger.info("loading %s weights from %s", role, path)
+        return read_dit_weights(Path(path), key=key)
+    preset = getattr(cfg, f"{role}_model")
+    if preset != "tiny":
+        raise ConfigError(
+            f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny')"
+        )
+    return toy_dit_state_dict(wan_config(cfg, role))
+
+
+def build_text_encoder(
+    cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32
+) -> WanTextEncoder:
+    """umT5 from `text_encoder_path` (diffusers folder, or original `.pth` beside `google/umt5-xxl/`)."""
+    gcfg = wan_config(cfg, "generator")
+    path = cfg.text_encoder_path
+    if path is None:
+        if cfg.generator_model != "tiny":
+            raise ConfigError("text_encoder_path is required unless generator_model is 'tiny'")
+        return toy_text_encoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len).to(device)
+    p = Path(path)
+    if p.is_dir() and (p / "text_encoder").is_dir():
+        return WanTextEncoder.from_diffusers_folder(p, dtype=dtype, device=device, text_len=gcfg.text_len)
+    if p.is_file():
+        tokenizer = p.parent / "google" / "umt5-xxl"
+        return WanTextEncoder.from_original(p, tokenizer, dtype=dtype, device=device, text_len=gcfg.text_len)
+    raise FileNotFoundError(f"text_encoder_path={path}: neither a diffusers folder nor a .pth file")
+
+
+def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> WanVAE:
+    """Wan VAE from `vae_path` (diffusers folder with `vae/`, or the original `Wan2.1_VAE.pth`)."""
+    path = cfg.vae_path
+    if path is None:
+        if cfg.generator_model != "tiny":
+            raise ConfigError("vae_path is required unless generator_model is 'tiny'")
+        return toy_vae(z_dim=wan_config(cfg, "generator").in_dim).to(device)
+    p = Path(path)
+    if p.is_dir():
+        return WanVAE.from_diffusers_folder(p, dtype=dtype, device=device)
+    return WanVAE.from_original(p, dtype=dtype, device=device)
+
+
+# Which networks each objective needs: (real score, critic).
+NEEDS = {
+    "dmd": (True, True),
+    "sid": (True, True),
+    "causvid": (True, True),
+    "gan": (False, True),
+    "ode": (False, False),
+    "diffusion": (False, False),
+}
+
+
+def step_list(cfg: TrainConfig) -> list[float]:
+    """`denoising_step_list`, warped through the generator's shifted grid if `warp_denoising_step`."""
+    steps = [float(s) for s in cfg.denoising_step_list]
+    if cfg.warp_denoising_step:
+        sched = FlowMatchScheduler(
+            shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
+        )
+        steps = [float(s) for s in sched.warp(steps)]
+    return steps
+
+
+def build_objective_from_config(
+    cfg: TrainConfig,
+    generator: WanDiffusionWrapper,
+    real_score: WanDiffusionWrapper | None,
+    critic: WanDiffusionWrapper | None,
+    vae: WanVAE | None,
+    latent_dtype: torch.dtype,
+):
+    """Wire the config's keys into the objective named by `cfg.trainer`."""
+    from model import build_objective
+
+    scheduler = FlowMatchScheduler(
+        shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
+    )
+    steps = step_list(cfg)
+    rollout = dict(
+        image_or_video_shape=list(cfg.image_or_video_shape),
+        denoising_step_list=[s for s in steps if s > 0],
+        num_frame_per_block=cfg.num_frame_per_block,
+        num_training_frames=cfg.num_training_frames,
+        independent_first_frame=cfg.independent_first_frame,
+        same_step_across_blocks=cfg.same_step_across_blocks,
+        last_step_only=cfg.last_step_only,
+        context_noise=cfg.context_noise,
+        vae=vae,
+        latent_dtype=latent_dtype,
+    )
+    score = dict(
+        timestep_shift=cfg.timestep_shift,
+        ts_schedule=cfg.ts_schedule,
+        ts_schedule_max=cfg.ts_schedule_max,
+        min_score_timestep=cfg.min_score_timestep,
+    )
+    distill = dict(
+        score,
+        guidance_scale=cfg.guidance_scale,
+        real_guidance_scale=cfg.real_guidance_scale,
+        fake_guidance_scale=cfg.fake_guidance_scale,
+        num_train_timestep=cfg.num_train_timestep,
+        denoising_loss_type=cfg.denoising_loss_type,
+    )
+    name = cfg.trainer
+    if name == "dmd":
+        return build_objective("dmd", generator, real_score, critic, scheduler, **rollout, **distill)
+    if name == "sid":
+        return build_objective(
+            "sid", generator, real_score, critic, scheduler, sid_alpha=cfg.sid_alpha, **rollout, **distill
+        )
+    if name == "causvid":
+        return build_objective(
+            "causvid",
+            generator,
+            real_score,
+            critic,
+            scheduler,
+            denoising_step_list=steps,
+            num_frame_per_block=cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
+            teacher_forcing=cfg.teacher_forcing,
+            **distill,
+        )
+    if name == "gan":
+        return build_objective(
+            "gan",
+            generator,
+            critic,
+            scheduler,
+            **rollout,
+            **score,
+            critic_timestep_shift=cfg.critic_timestep_shift,
+            relativistic_discriminator=cfg.relativistic_discriminator,
+            gan_g_weight=cfg.gan_g_weight,
+            gan_d_weight=cfg.gan_d_weight,
+            r1_weight=cfg.r1_weight,
+            r2_weight=cfg.r2_weight,
+            r1_sigma=cfg.r1_sigma,
+            r2_sigma=cfg.r2_sigma,
+        )
+    if name == "ode":
+        return build_objective(
+            "ode",
+            generator,
+            denoising_step_list=steps,
+            num_frame_per_block=cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
+            i2v=cfg.i2v,
+            num_train_timestep=cfg.num_train_timestep,
+        )
+    if name == "diffusion":
+        return build_objective(
+            "diffusion",
+            generator,
+            scheduler,
+            num_frame_per_block=cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
+            teacher_forcing=cfg.teacher_forcing,
+            noise_augmentation_max_timestep=cfg.noise_augmentation_max_timestep,
+        )
+    raise ConfigError(f"unknown trainer {name!r}")

@@ -1,0 +1,273 @@
+"""The trainer end to end on the toy world (tiny configs, CPU, gloo; torchrun with 2 processes).
+
+Checks: every objective trains and saves; 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches;
+resume after kill -9 is bitwise exact; a 1-process checkpoint resumes on 2 processes; SIGTERM saves a
+checkpoint that resumes; a NaN step is skipped and never saved; a config typo fails fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.dist_helpers import free_port
+from utils.lmdb import LMDBWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["max_steps=3", "log_iters=3", "sample_every=0", "wandb_mode=disabled"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _cmd(config: str, logdir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+        ]
+        launcher += ["--master_port", str(free_port())]
+    return [
+        *launcher,
+        str(ROOT / "train.py"),
+        "--config",
+        str(ROOT / config),
+        "--logdir",
+        str(logdir),
+        *overrides,
+    ]
+
+
+def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeout: float = 240) -> str:
+    proc = subprocess.run(
+        _cmd(config, logdir, overrides, nproc),
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"train.py exited with {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc.stdout + proc.stderr
+
+
+def load_checkpoint(logdir: Path, step: int) -> dict:
+    ckpt = logdir / "checkpoints" / f"step_{step:08d}"
+    assert (ckpt / "COMPLETE").exists(), (
+        f"no complete checkpoint at step {step}: {list((logdir / 'checkpoints').iterdir())}"
+    )
+    out = logdir / f"ckpt_{step}.pt"
+    dcp_to_torch_save(str(ckpt), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    """Generator, critic and EMA tensors of a loaded checkpoint, flattened."""
+    out = {f"generator.{k}": v for k, v in ckpt["generator"]["model"].items()}
+    if "critic" in ckpt:
+        out.update({f"critic.{k}": v for k, v in ckpt["critic"]["model"].items()})
+    if "ema" in ckpt:
+        out.update({f"ema.{k}": v for k, v in ckpt["ema"].items()})
+    return out
+
+
+def metrics(logdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def toy_lmdb(tmp_path_factory) -> Path:
+    """ODE-trajectory rows [K+1=5, F=6, C=4, 8, 8] (LMDB): ODE data, and clean latents via row[-1]."""
+    path = tmp_path_factory.mktemp("data") / "toy_ode"
+    g = torch.Generator().manual_seed(0)
+    with LMDBWriter(path) as writer:
+        for i in range(8):
+            writer.write(f"toy prompt {i}", torch.randn(5, 6, 4, 8, 8, generator=g))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "config", ["tiny_dmd", "tiny_sid", "tiny_gan", "tiny_ode", "tiny_causal_diffusion", "tiny_causvid"]
+)
+def test_each_trainer_runs_three_steps_and_saves(config, tmp_path, toy_lmdb):
+    overrides = list(FAST)
+    if config not in ("tiny_dmd", "tiny_sid"):
+        overrides.append(f"data_path={toy_lmdb}")
+    train(f"configs/{config}.yaml", tmp_path, overrides)
+    ckpt = load_checkpoint(tmp_path, 3)
+    assert ckpt["trainer"]["step"] == 3 and ckpt["trainer"]["nan_skips"] == 0
+    assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all("generator_loss" in r or "critic_loss" in r for r in rows)
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+    common = [
+        "max_steps=2",
+        "log_iters=2",
+        "sample_every=0",
+        "dfake_gen_update_ratio=1",
+        "total_batch_size=2",
+    ]
+    train("configs/tiny_dmd.yaml", tmp_path / "two", common, nproc=2)
+    train("configs/tiny_dmd.yaml", tmp_path / "one", common, nproc=1)
+    two, one = weights(load_checkpoint(tmp_path / "two", 2)), weights(load_checkpoint(tmp_path / "one", 2))
+    assert two.keys() == one.keys()
+    for k in two:
+        assert torch.allclose(two[k], one[k], rtol=1e-5, atol=1e-6), k
+    # and training did move the generator away from its initial weights (the toy teacher's)
+    from wan import WanConfig
+    from wan.toy import toy_dit_state_dict
+
+    start = toy_dit_state_dict(WanConfig.preset("tiny"))
+    assert any(not torch.allclose(one[f"generator.model.{k}"], v) for k, v in start.items())
+
+
+def test_resume_after_kill_is_bitwise_exact(tmp_path):
+    common = ["max_steps=8", "sample_every=0", "dfake_gen_update_ratio=2", "ema_start_step=2"]
+    train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "log_iters=100"])
+    # Interrupted run: checkpoint every 4 steps, kill -9 as soon as step 4 is on disk.
+    logdir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"]),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = logdir / "checkpoints" / "step_00000004" / "COMPLETE"
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (logdir / "checkpoints" / "step_00000008").exists(), (
+        "kill did not land mid-run"
+    )
+    out = train("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"])
+    assert "resumed from step 4" in out
+    a, b = weights(load_checkpoint(tmp_path / "straight", 8)), weights(load_checkpoint(logdir, 8))
+    assert (
+        a.keys() == b.keys()
+        and any(k.startswith("ema.") for k in a)
+        and any(k.startswith("critic.") for k in a)
+    )
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_from_one_process_resumes_on_two(tmp_path):
+    # 8 prompts, 2 phases x 2 micro-batches per step: 2 steps consume exactly one epoch, so the data
+    # stream continues identically at either world size and the runs must agree.
+    common = ["sample_every=0", "dfake_gen_update_ratio=1", "total_batch_size=2", "ema_start_step=1"]
+    train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "max_steps=4", "log_iters=4"])
+    logdir = tmp_path / "resumed"
+    train("configs/tiny_dmd.yaml", logdir, [*common, "max_steps=2", "log_iters=2"], nproc=1)
+    out = train("configs/tiny_dmd.yaml", logdir, [*common, "max_steps=4", "log_iters=4"], nproc=2)
+    assert "resumed from step 2" in out
+    a, b = weights(load_checkpoint(tmp_path / "straight", 4)), weights(load_checkpoint(logdir, 4))
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    overrides = ["max_steps=1000", "log_iters=1000", "sample_every=0"]
+    proc = subprocess.Popen(
+        _cmd("configs/tiny_dmd.yaml", tmp_path, overrides),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    jsonl = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 180
+    while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 2) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    saved = sorted((tmp_path / "checkpoints").glob("step_*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+    step = int(saved[0].name.split("_")[1])
+    assert 2 <= step < 1000
+    out = train(
+        "configs/tiny_dmd.yaml", tmp_path, ["max_steps=" + str(step + 1), "log_iters=1000", "sample_every=0"]
+    )
+    assert f"resumed from step {step}" in out
+    assert metrics(tmp_path)[-1]["step"] == step + 1
+
+
+def test_nan_step_is_skipped_and_not_saved(tmp_path, monkeypatch):
+    import train as train_module
+    from utils.config import load_config
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(
+        ROOT / "configs/tiny_dmd.yaml",
+        ["max_steps=4", "log_iters=4", "sample_every=0", "dfake_gen_update_ratio=1"],
+    )
+    trainer = train_module.Trainer(cfg, tmp_path)
+    ok = False
+    try:
+        trainer.setup()
+        real_loss = trainer.objective.generator_loss
+
+        def poisoned(batch, shared):
+            loss, m = real_loss(batch, shared)
+            return (loss * float("nan") if trainer.state.step == 1 else loss), m
+
+        monkeypatch.setattr(trainer.objective, "generator_loss", poisoned)
+        trainer.train()
+        ok = True
+    finally:
+        trainer.cleanup(ok)
+    rows = metrics(tmp_path)
+    assert rows[1].get("generator_skipped") == 1.0 and rows[-1]["nan_skips"] == 1
+    ckpt = load_checkpoint(tmp_path, 4)
+    assert ckpt["trainer"]["nan_skips"] == 1
+    assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
+
+
+@pytest.mark.parametrize(
+    "override, culprit, suggestion",
+    [("lr_critc=1e-4", "lr_critc", "lr_critic"), ("model_kwargs.sink_sise=1", "sink_sise", "sink_size")],
+)
+def test_config_typo_fails_fast_naming_the_key(tmp_path, override, culprit, suggestion):
+    started = time.time()
+    proc = subprocess.run(
+        _cmd("configs/tiny_dmd.yaml", tmp_path, [override]),
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert culprit in proc.stderr and suggestion in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.time() - started < 60

@@ -1,0 +1,487 @@
+"""Train a Self-Forcing generator: one trainer for every objective (`trainer: dmd|sid|gan|ode|diffusion|causvid`).
+
+    torchrun --nproc_per_node 8 train.py --config configs/self_forcing_dmd.yaml --logdir runs/dmd
+    python train.py --config configs/tiny_dmd.yaml --logdir runs/tiny max_steps=10
+
+Steps (upstream's meaning, spec §6.3): every step trains the critic (when the objective has one);
+every `dfake_gen_update_ratio`-th step also trains the generator first. Each optimizer step
+accumulates `gradient_accumulation_steps` micro-batches so that `total_batch_size` is honoured.
+
+Randomness: every micro-batch reseeds the global RNG from (seed, step, role, global micro-batch
+index), so ranks draw different noise, a run is reproducible, and 2 ranks x 1 micro-batch compute
+exactly what 1 rank x 2 micro-batches does. The choices all ranks must share (exit steps, number of
+blocks) are drawn once per optimizer step on rank 0 and broadcast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import logging
+import math
+import signal
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+from model.build import (
+    NEEDS,
+    build_objective_from_config,
+    build_text_encoder,
+    build_vae,
+    dit_weights,
+    make_dit,
+)
+from utils.checkpoint import Checkpointer, ModelState
+from utils.config import TrainConfig, load_config, resolve_accumulation, save_config
+from utils.dataset import (
+    LatentLMDBDataset,
+    ODERegressionLMDBDataset,
+    StatefulDistributedSampler,
+    TextDataset,
+    check_row_shape,
+    infinite_loader,
+)
+from utils.distributed import (
+    DistInfo,
+    broadcast_object,
+    build_mesh,
+    cleanup,
+    init_distributed,
+    load_full_state_dict,
+    reshard_after_forward_for,
+    resolve_seed,
+    seed_everything,
+    set_gradient_sync,
+    shard_model,
+)
+from utils.ema import EMA
+from utils.logging import MetricsLogger, WandbSettings, setup_logging
+from utils.optim import build_optimizer, build_scheduler, clip_grad_norm
+from wan import WanDiffusionWrapper
+from wan.gan_head import add_gan_head
+from wan.weights import load_dit_weights
+
+logger = logging.getLogger("train")
+
+
+class TrainerState(Stateful):
+    """Counters of the loop that must survive a restart."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.nan_skips = 0
+        self.ema_active = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "nan_skips": self.nan_skips, "ema_active": self.ema_active}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.nan_skips = int(state["nan_skips"])
+        self.ema_active = bool(state["ema_active"])
+
+
+def _micro_seed(seed: int, step: int, role: str, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{step}/{role}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+class Trainer:
+    def __init__(
+        self, cfg: TrainConfig, logdir: str | Path, no_save: bool = False, no_visualize: bool = False
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(logdir)
+        self.no_save = no_save
+        self.no_visualize = no_visualize
+        self.state = TrainerState()
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        # 1. processes, logging, seeds
+        self.dist: DistInfo = init_distributed()
+        setup_logging(self.dist.rank)
+        self.device = self.dist.device
+        self.accum = resolve_accumulation(cfg, self.dist.world_size)
+        self.seed = resolve_seed(cfg.seed)
+        seed_everything(self.seed + self.dist.rank)
+        if self.dist.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir)
+        logger.info(
+            "trainer=%s world_size=%d device=%s accumulation=%d total_batch_size=%d",
+            cfg.trainer,
+            self.dist.world_size,
+            self.device,
+            self.accum,
+            cfg.total_batch_size,
+        )
+        self.latent_dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
+        gpus_per_node = self.dist.local_world_size
+        self.mesh = build_mesh(
+            cfg.sharding_strategy, self.dist.world_size, gpus_per_node, device_type=self.device.type
+        )
+
+        # 2. frozen networks (replicated): text encoder and, when needed, the VAE
+        self.text_encoder = build_text_encoder(cfg, self.device)
+        needs_vae = cfg.i2v or cfg.num_training_frames > cfg.image_or_video_shape[1] or cfg.sample_every > 0
+        self.vae = build_vae(cfg, self.device) if needs_vae else None
+
+        # 3. DiTs: built on meta, sharded, weights read on rank 0 and broadcast
+        needs_real, needs_critic = NEEDS[cfg.trainer]
+        self.generator = self._build_dit("generator", trainable=True)
+        self.real_score = self._build_dit("real_score", trainable=False) if needs_real else None
+        self.critic = (
+            self._build_dit("fake_score", trainable=True, gan_head=cfg.trainer == "gan")
+            if needs_critic
+            else None
+        )
+        self.objective = build_objective_from_config(
+            cfg, self.generator, self.real_score, self.critic, self.vae, self.latent_dtype
+        )
+
+        # 4. optimisers, EMA
+        self.optimizers = {
+            "generator": build_optimizer(
+                self.generator.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay
+            )
+        }
+        if self.critic is not None:
+            self.optimizers["critic"] = build_optimizer(
+                self.critic.parameters(),
+                cfg.lr_critic,
+                (cfg.beta1_critic, cfg.beta2_critic),
+                cfg.weight_decay,
+            )
+        self.lr_schedulers = {k: build_scheduler(o, cfg.lr_warmup_steps) for k, o in self.optimizers.items()}
+        self.ema = EMA(self.generator) if cfg.ema_weight > 0 else None
+
+        # 5. data
+        self._build_data()
+
+        # 6. checkpoints: resume from the latest complete one
+        self.checkpointer = Checkpointer(self.run_dir, keep_last=cfg.keep_last_checkpoints)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            self.dist.rank,
+            WandbSettings(
+                mode=cfg.wandb_mode,
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity,
+                name=self.run_dir.name,
+                config=None,
+            ),
+        )
+        if cfg.resume:
+            step = self.checkpointer.load_latest(self._checkpoint_state())
+            if step is not None:
+                logger.info("resumed from step %d", step)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _build_dit(self, role: str, trainable: bool, gan_head: bool = False) -> WanDiffusionWrapper:
+        cfg = self.cfg
+
+        def structure() -> WanDiffusionWrapper:
+            wrapper = make_dit(cfg, role)
+            if gan_head:
+                add_gan_head(
+                    wrapper, num_class=cfg.num_class, concat_time_embeddings=cfg.concat_time_embeddings
+                )
+            return wrapper
+
+        with torch.device("meta"):
+            wrapper = structure()
+        full_sd = None
+        if self.dist.rank == 0:
+            # Rank 0 alone reads the weights (64 ranks must not each read 14B weights); the GAN head,
+            # if any, starts from a seeded init.
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                torch.manual_seed(self.seed)
+                host = structure()
+            load_dit_weights(host.model, dit_weights(cfg, role))
+            full_sd = host.state_dict()
+            del host
+        wrapper.requires_grad_(trainable)
+        if trainable and cfg.gradient_checkpointing:
+            wrapper.model.enable_gradient_checkpointing(True)
+        shard_model(
+            wrapper,
+            self.mesh,
+            block_lists=("model.blocks",),
+            mixed_precision=cfg.mixed_precision,
+            reshard_after_forward=reshard_after_forward_for(cfg.sharding_strategy),
+        )
+        load_full_state_dict(wrapper, full_sd, device=self.device)
+        if not trainable:
+            wrapper.eval()
+        return wrapper
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if cfg.data_path is None:
+            raise ValueError(
+                "data_path is not set: a prompt file (dmd/sid) or an LMDB directory (gan/ode/diffusion/causvid)"
+            )
+        f, c, h, w = cfg.latent_shape
+        if cfg.trainer in ("dmd", "sid"):
+            dataset = TextDataset(cfg.data_path)
+        elif cfg.trainer == "ode":
+            dataset = ODERegressionLMDBDataset(cfg.data_path, max_pair=cfg.max_pair)
+            check_row_shape(
+                dataset, (len(cfg.denoising_step_list), f, c, h, w), "ode_latent [K+1, F, C, H, W]"
+            )
+        else:
+            dataset = LatentLMDBDataset(cfg.data_path, with_image_latent=cfg.i2v)
+            check_row_shape(dataset, (f, c, h, w), "clean_latent [F, C, H, W]")
+        self.dataset = dataset
+        self.sampler = StatefulDistributedSampler(
+            len(dataset), self.dist.rank, self.dist.world_size, shuffle=True, seed=self.seed, drop_last=True
+        )
+        self.loader = infinite_loader(dataset, self.sampler, cfg.batch_size)
+        self._negative: dict[int, torch.Tensor] = {}
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "generator": ModelState(self.generator, self.optimizers["generator"]),
+            "trainer": self.state,
+            "sampler": self.sampler,
+            "lr_generator": self.lr_schedulers["generator"],
+        }
+        if self.critic is not None:
+            state["critic"] = ModelState(self.critic, self.optimizers["critic"])
+            state["lr_critic"] = self.lr_schedulers["critic"]
+        if self.ema is not None:
+            state["ema"] = self.ema
+        return state
+
+    # ------------------------------------------------------------------------------------ batches
+    @torch.no_grad()
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        raw = next(self.loader)
+        prompts = list(raw["prompts"])
+        batch: dict[str, torch.Tensor] = {
+            "prompt_embeds": self.text_encoder(prompts)["prompt_embeds"].to(self.device, self.latent_dtype)
+        }
+        b = len(prompts)
+        if b not in self._negative:  # one embedding per batch size (upstream cached the first only)
+            neg = self.text_encoder([self.cfg.negative_prompt])["prompt_embeds"]
+            self._negative[b] = neg.to(self.device, self.latent_dtype).expand(b, -1, -1).contiguous()
+        batch["negative_prompt_embeds"] = self._negative[b]
+        for key in ("clean_latent", "ode_latent", "image_latent"):
+            if key in raw:
+                batch[key] = raw[key].to(self.device, self.latent_dtype)
+        return batch
+
+    # ------------------------------------------------------------------------------------ steps
+    def _optimizer_step(self, role: str) -> dict[str, float]:
+        cfg, step = self.cfg, self.state.step
+        module = self.generator if role == "generator" else self.critic
+        optimizer = self.optimizers[role]
+        optimizer.zero_grad(set_to_none=True)
+        shared = None
+        if self.dist.rank == 0:
+            g = torch.Generator().manual_seed(_micro_seed(self.seed, step, f"{role}/shared", 0))
+            shared = self.objective.sample_shared(cfg.batch_size, g)
+        shared = broadcast_object(shared)
+        loss_fn = self.objective.generator_loss if role == "generator" else self.objective.critic_loss
+        total_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        sums: dict[str, float] = defaultdict(float)
+        for micro in range(self.accum):
+            batch = self._next_batch()
+            global_index = micro * self.dist.world_size + self.dist.rank
+            torch.manual_seed(_micro_seed(self.seed, step, role, global_index))
+            set_gradient_sync([module], micro == self.accum - 1)
+            loss, metrics = loss_fn(batch, shared)
+            (loss / self.accum).backward()
+            total_loss += loss.detach().double() / self.accum
+            for k, v in metrics.items():
+                sums[k] += float(v) / self.accum
+        # The loss is averaged over ranks for logging; a non-finite value anywhere skips the step.
+        torch.distributed.all_reduce(total_loss)
+        total_loss /= self.dist.world_size
+        max_norm = cfg.max_grad_norm_generator if role == "generator" else cfg.max_grad_norm_critic
+        grad_norm = clip_grad_norm(module, max_norm)
+        out = {f"{role}_loss": float(total_loss), f"{role}_grad_norm": grad_norm}
+        out.update({k: v for k, v in sums.items() if k not in out})
+        if not (math.isfinite(float(total_loss)) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            self.state.nan_skips += 1
+            logger.warning(
+                "step %d: non-finite %s loss/grad (%s, %s); step skipped",
+                step,
+                role,
+                float(total_loss),
+                grad_norm,
+            )
+            out[f"{role}_skipped"] = 1.0
+            return out
+        optimizer.step()
+        self.lr_schedulers[role].step()
+        optimizer.zero_grad(set_to_none=True)
+        if role == "generator" and self.ema is not None and self.state.ema_active:
+            self.ema.update(self.generator, cfg.ema_weight)
+        return out
+
+    def train(self) -> None:
+        cfg = self.cfg
+        has_critic = self.critic is not None
+        bar = None
+        if self.dist.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=cfg.trainer, dynamic_ncols=True)
+        self.generator.train()
+        while self.state.step < cfg.max_steps:
+            started = time.perf_counter()
+            step = self.state.step
+            metrics: dict[str, float] = {}
+            if not has_critic or step % cfg.dfake_gen_update_ratio == 0:
+                metrics.update(self._optimizer_step("generator"))
+            if has_critic:
+                metrics.update(self._optimizer_step("critic"))
+            self.state.step += 1
+            # Upstream (re)initialises the EMA from the current weights once ema_start_step is reached.
+            if self.ema is not None and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
+                self.ema.copy_from(self.generator)
+                self.state.ema_active = True
+            metrics["step_time"] = time.perf_counter() - started
+            metrics["nan_skips"] = self.state.nan_skips
+            if self.device.type == "cuda":
+                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.metrics.log(self.state.step, metrics)
+            if bar is not None:
+                loss_key = "critic_loss" if has_critic else "generator_loss"
+                bar.set_postfix(loss=f"{metrics.get(loss_key, float('nan')):.4g}")
+                bar.update(1)
+            if cfg.sample_every and self.state.step % cfg.sample_every == 0 and not self.no_visualize:
+                self._log_samples()
+            stop = self._agreed_stop()
+            if not self.no_save and (self.state.step % cfg.log_iters == 0 or stop):
+                self.save()
+            if stop:
+                logger.info("stopping at step %d on signal %s", self.state.step, self._stop_signal)
+                break
+            if self.state.step % cfg.gc_interval == 0:
+                gc.collect()
+        if bar is not None:
+            bar.close()
+        if not self.no_save and self.state.step >= cfg.max_steps:
+            latest = self.checkpointer.latest() if self.dist.rank == 0 else None
+            if broadcast_object(latest is None or latest[0] != self.state.step):
+                self.save()
+
+    def save(self) -> None:
+        self.checkpointer.save(self.state.step, self._checkpoint_state())
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _agreed_stop(self) -> bool:
+        """All ranks stop at the same step if any rank got SIGTERM/SIGUSR1 (cluster pre-emption)."""
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @torch.no_grad()
+    def _log_samples(self) -> None:
+        """Generate a few videos with the current (EMA when active) generator; every rank takes part."""
+        from model.build import step_list
+        from pipeline import CausalInferencePipeline
+
+        cfg = self.cfg
+        steps = [s for s in step_list(cfg) if s > 0]
+        pipe = CausalInferencePipeline(
+            self.generator,
+            self.generator.scheduler,
+            steps,
+            cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
+            context_noise=cfg.context_noise,
+            vae=self.vae,
+            num_max_frames=cfg.image_or_video_shape[1],
+        )
+        prompts = [
+            self.dataset[i]["prompts"] if "prompts" in self.dataset[i] else ""
+            for i in range(min(2, len(self.dataset)))
+        ]
+        cond = {
+            "prompt_embeds": self.text_encoder(prompts)["prompt_embeds"].to(self.device, self.latent_dtype)
+        }
+        f, c, h, w = cfg.latent_shape
+        g = torch.Generator().manual_seed(self.seed)
+        noise = torch.randn(len(prompts), f, c, h, w, generator=g).to(self.device, self.latent_dtype)
+        self.generator.eval()
+        try:
+            ctx = (
+                self.ema.swap_into(self.generator)
+                if (self.ema is not None and self.state.ema_active)
+                else _null()
+            )
+            with ctx:
+                out = pipe.inference(noise, cond, generator=g)
+        finally:
+            self.generator.train()
+        if out.videos is not None:
+            for i, video in enumerate(out.videos):
+                self.metrics.log_video(self.state.step, f"sample{i}", video.float(), fps=16)
+
+    def cleanup(self, ok: bool = True) -> None:
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        cleanup(synchronize=ok)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Self-Forcing training (one trainer for every objective)")
+    p.add_argument("--config", "--config_path", dest="config", required=True, help="experiment YAML")
+    p.add_argument(
+        "--logdir",
+        default=None,
+        help="run directory (default: logdir from the config, else runs/<config stem>)",
+    )
+    p.add_argument("--no_save", action="store_true", help="do not write checkpoints")
+    p.add_argument("--no_visualize", action="store_true", help="do not generate sample videos")
+    p.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.disable_wandb:
+        overrides.append("wandb_mode=disabled")
+    cfg = load_config(args.config, overrides)
+    logdir = args.logdir or cfg.logdir or str(Path("runs") / Path(args.config).stem)
+    cfg.logdir = logdir
+    trainer = Trainer(cfg, logdir, no_save=args.no_save, no_visualize=args.no_visualize)
+    ok = False
+    try:
+        trainer.setup()
+        trainer.train()
+        ok = True
+    finally:
+        trainer.cleanup(ok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
