@@ -1,0 +1,201 @@
+"""Generate videos with a trained causal generator, block by block (streaming VAE decode).
+
+    python inference.py --config configs/self_forcing_dmd.yaml --checkpoint checkpoints/self_forcing_dmd.pt \
+        --data_path prompts.txt --output_folder videos/ --use_ema
+    torchrun --nproc_per_node 8 inference.py ...        # every prompt generated exactly once
+
+`--checkpoint` takes one of our run directories (or a checkpoint directory inside one), an exported or
+upstream Self-Forcing `.pt` (`generator` / `generator_ema`), or official/diffusers safetensors.
+`--num_output_frames` counts LATENT frames; past the training length the generator's rolling window
+(`model_kwargs.local_attn_size`, `model_kwargs.sink_size`) keeps the KV cache bounded.
+
+Writes `<output_folder>/<index>-<sample>_<slug>.mp4` and `summary.json` with per-block latency,
+first-block latency and frames per second, VAE decoding included in every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model.build import build_text_encoder, build_vae, make_dit, step_list
+from pipeline import CausalInferencePipeline
+from utils.checkpoint import read_run_model
+from utils.config import TrainConfig, load_config
+from utils.dataset import TextDataset, shard_indices
+from utils.distributed import barrier, cleanup, init_distributed
+from utils.logging import setup_logging, video_to_uint8
+from wan.toy import toy_dit_state_dict
+from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
+
+logger = logging.getLogger("inference")
+
+
+def load_generator_weights(
+    cfg: TrainConfig, checkpoint: str | None, use_ema: bool
+) -> dict[str, torch.Tensor]:
+    """Official-key DiT weights of the generator from any supported checkpoint format."""
+    if checkpoint is None:
+        if cfg.generator_model != "tiny":
+            raise ValueError("--checkpoint is required unless generator_model is 'tiny' (toy weights)")
+        return toy_dit_state_dict(make_dit(cfg, "generator").config)
+    path = Path(checkpoint)
+    if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "COMPLETE").is_file()):
+        return strip_wrapper_prefixes(read_run_model(path, "ema" if use_ema else "generator"))
+    return read_dit_weights(path, key="generator_ema" if use_ema else "generator")
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """File-name-safe short form of a prompt (never the raw prompt: slashes, length)."""
+    s = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return s[:limit].rstrip("_") or "prompt"
+
+
+def write_mp4(path: Path, video: torch.Tensor, fps: int) -> None:
+    """`video: [T, 3, H, W]` in [-1, 1] -> H.264 mp4."""
+    import imageio.v2 as imageio
+
+    imageio.mimwrite(
+        path, list(video_to_uint8(video)), fps=fps, codec="libx264", macro_block_size=1, quality=8
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "--config_path", dest="config", required=True)
+    p.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", default=None)
+    p.add_argument("--use_ema", action="store_true", help="use the EMA weights (generator_ema)")
+    p.add_argument("--data_path", required=True, help="prompt file, one prompt per line")
+    p.add_argument(
+        "--extended_prompt_path", default=None, help="aligned file of extended prompts to condition on"
+    )
+    p.add_argument("--output_folder", required=True)
+    p.add_argument(
+        "--num_output_frames", type=int, default=None, help="latent frames (default: training length)"
+    )
+    p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    info = init_distributed()
+    setup_logging(info.rank)
+    ok = False
+    try:
+        out_dir = Path(args.output_folder)
+        if info.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        dtype = torch.bfloat16 if (cfg.mixed_precision and info.device.type == "cuda") else torch.float32
+        # 1. networks: generator (full copy per rank: inference needs no sharding), text encoder, VAE
+        generator = make_dit(cfg, "generator")
+        load_dit_weights(generator.model, load_generator_weights(cfg, args.checkpoint, args.use_ema))
+        generator = generator.to(info.device, dtype).eval().requires_grad_(False)
+        text_encoder = build_text_encoder(cfg, info.device)
+        vae = build_vae(cfg, info.device)
+        f_train, c, h, w = cfg.latent_shape
+        frames = args.num_output_frames or f_train
+        pipe = CausalInferencePipeline(
+            generator,
+            generator.scheduler,
+            [s for s in step_list(cfg) if s > 0],
+            cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
+            context_noise=cfg.context_noise,
+            vae=vae,
+            num_max_frames=frames,
+        )
+        # 2. prompts: each rank takes every world_size-th prompt; none dropped, none repeated
+        prompts = TextDataset(args.data_path, args.extended_prompt_path)
+        mine = shard_indices(len(prompts), info.rank, info.world_size)
+        records = []
+        bar = None
+        if info.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts) * args.num_samples, desc="videos", dynamic_ncols=True)
+        for idx in mine:
+            item = prompts[idx]
+            text = item.get("extended_prompts") or item["prompts"]
+            cond = {"prompt_embeds": text_encoder([text])["prompt_embeds"].to(info.device, dtype)}
+            for k in range(args.num_samples):
+                # noise depends on (seed, prompt, sample) only: the same video at any world size
+                g = torch.Generator().manual_seed(args.seed * 1_000_003 + idx * 1009 + k)
+                noise = torch.randn(1, frames, c, h, w, generator=g).to(info.device, dtype)
+                started = time.perf_counter()
+                latencies, pixels = [], []
+                for block in pipe.stream(noise, cond, generator=g):
+                    latencies.append(block.latency_s)
+                    pixels.append(block.frames[0].float().cpu())
+                total = time.perf_counter() - started
+                video = torch.cat(pixels, dim=0)
+                name = f"{idx:05d}-{k}_{slug(item['prompts'])}.mp4"
+                write_mp4(out_dir / name, video, args.fps)
+                records.append(
+                    {
+                        "index": idx,
+                        "sample": k,
+                        "prompt": item["prompts"],
+                        "file": name,
+                        "latent_frames": frames,
+                        "pixel_frames": int(video.shape[0]),
+                        "block_latency_s": latencies,
+                        "first_block_latency_s": latencies[0],
+                        "total_s": total,
+                        "fps": video.shape[0] / total,
+                    }
+                )
+                if bar is not None:
+                    bar.update(info.world_size)
+        if bar is not None:
+            bar.close()
+        # 3. one summary for all ranks
+        gathered = [records]
+        if info.world_size > 1:
+            gathered = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, records)
+        if info.rank == 0:
+            videos = sorted((r for part in gathered for r in part), key=lambda r: (r["index"], r["sample"]))
+            summary = {
+                "vae_decode_included": True,
+                "device": str(info.device),
+                "dtype": str(dtype),
+                "world_size": info.world_size,
+                "checkpoint": args.checkpoint,
+                "use_ema": args.use_ema,
+                "median_first_block_latency_s": statistics.median(v["first_block_latency_s"] for v in videos),
+                "median_block_latency_s": statistics.median(
+                    x for v in videos for x in v["block_latency_s"][1:] or v["block_latency_s"]
+                ),
+                "median_fps": statistics.median(v["fps"] for v in videos),
+                "videos": videos,
+            }
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            logger.info(
+                "%d videos; median first-block latency %.3fs, median %.1f frames/s (VAE decode included)",
+                len(videos),
+                summary["median_first_block_latency_s"],
+                summary["median_fps"],
+            )
+        barrier()
+        ok = True
+    finally:
+        cleanup(synchronize=ok)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
