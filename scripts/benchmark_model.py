@@ -46,7 +46,9 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=21)
     p.add_argument("--num_frame_per_block", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="denoising steps per block")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument(
+        "--dtype", choices=("fp32", "bf16"), default="bf16" if torch.cuda.is_available() else "fp32"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip_train", action="store_true")
     args = p.parse_args()
@@ -92,9 +94,13 @@ def main() -> None:
             model(x, t_all, ctx).float().square().mean().backward()
 
         rows.append(("training path forward", statistics.median(_time(fwd, device, args.repeats)), ""))
-        rows.append(("training path fwd+bwd (ckpt)", statistics.median(_time(fwd_bwd, device, args.repeats)), ""))
+        rows.append(
+            ("training path fwd+bwd (ckpt)", statistics.median(_time(fwd_bwd, device, args.repeats)), "")
+        )
 
-    print(f"device={device} dtype={args.dtype} preset={args.preset} latent={h}x{w} frames={f} backends={describe_backends(device)}")
+    print(
+        f"device={device} dtype={args.dtype} preset={args.preset} latent={h}x{w} frames={f} backends={describe_backends(device)}"
+    )
     if device.type == "cuda":
         print(f"peak memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     print(f"{'what':<32}{'median s':>12}  note")

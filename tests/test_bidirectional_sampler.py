@@ -21,7 +21,6 @@ CFG = WanConfig.preset("tiny")
 SHAPE = (2, 3, CFG.in_dim, 4, 6)  # [B, F, C, H, W]
 
 
-
 @pytest.fixture(scope="module")
 def dit():
     return randomize_(WanModel(CFG), seed=1).eval()

@@ -37,7 +37,6 @@ TINY_VAE = {
 }
 
 
-
 def _write_video(path, frames: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 255, size=(SRC_H // 8, SRC_W // 8, 3)).astype(np.float32)

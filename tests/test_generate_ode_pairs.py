@@ -44,7 +44,6 @@ UNIQUE = list(dict.fromkeys(p for p in PROMPTS if p))  # (prompt, index among no
 INDEX = {p: [q for q in PROMPTS if q].index(p) for p in UNIQUE}
 
 
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("ode")
