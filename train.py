@@ -133,6 +133,14 @@ class Trainer:
 
         # 2. frozen networks (replicated): text encoder and, when needed, the VAE
         self.text_encoder = build_text_encoder(cfg, self.device)
+        # Sharded like the DiTs (one unit per umT5 block), optionally with parameters kept on the CPU.
+        shard_model(
+            self.text_encoder,
+            self.mesh,
+            block_lists=("encoder.encoder.block",),
+            mixed_precision=False,
+            cpu_offload=cfg.text_encoder_cpu_offload,
+        )
         needs_vae = cfg.i2v or cfg.num_training_frames > cfg.image_or_video_shape[1] or cfg.sample_every > 0
         self.vae = build_vae(cfg, self.device) if needs_vae else None
 
@@ -222,6 +230,9 @@ class Trainer:
             reshard_after_forward=reshard_after_forward_for(cfg.sharding_strategy),
         )
         load_full_state_dict(wrapper, full_sd, device=self.device)
+        if cfg.compile:  # per block, after sharding (FSDP2's hooks stay outside the compiled region)
+            for block in wrapper.model.blocks:
+                block.compile()
         if not trainable:
             wrapper.eval()
         return wrapper
