@@ -17,7 +17,13 @@ REAL = [p for p in CONFIGS if not p.name.startswith("tiny_")]
 
 def test_configs_are_shipped():
     names = {p.stem for p in CONFIGS}
-    assert {"self_forcing_dmd", "self_forcing_sid", "self_forcing_gan", "ode_init", "causal_diffusion"} <= names
+    assert {
+        "self_forcing_dmd",
+        "self_forcing_sid",
+        "self_forcing_gan",
+        "ode_init",
+        "causal_diffusion",
+    } <= names
     assert {f"tiny_{t}" for t in ("dmd", "sid", "gan", "ode", "causal_diffusion", "causvid")} <= names
 
 
