@@ -41,8 +41,11 @@ OBJECTIVES: dict[str, type[Objective]] = {
 def build_objective(name: str, *args, **modules_and_kwargs) -> Objective:
     """Construct the objective `name` from modules and plain values (see each class for its arguments).
 
-    dmd / sid / causvid: `generator, real_score, fake_score, scheduler, ...`; gan: `generator, critic,
-    scheduler, ...`; ode: `generator, ...`; diffusion: `generator, scheduler, ...`.
+    dmd / sid: `generator, real_score, fake_score, scheduler, rollout=..., ...`; causvid: `generator,
+    real_score, fake_score, scheduler, ...`; gan: `generator, critic, scheduler, rollout=..., ...`;
+    ode: `generator, ...`; diffusion: `generator, scheduler, ...`. `rollout` is a
+    `SelfForcingGenerator.build(generator, scheduler, image_or_video_shape=..., ...)`, which owns the
+    rollout settings.
     """
     if name not in OBJECTIVES:
         raise KeyError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")

@@ -330,8 +330,22 @@ class SelfForcingGenerator:
     ) -> SelfForcingGenerator:
         """Build the `SelfForcingTrainingPipeline` (unless `pipeline` is given) and wrap it.
 
-        `denoising_step_list` is already warped (the trainer applies `warp_denoising_step`); the
-        pipeline's KV cache holds `num_training_frames` (default `image_or_video_shape[1]`) frames.
+        The one owner of the rollout settings: the rollout objectives (`DMD`, `SiD`, `GAN`) take the
+        result as their `rollout` argument.
+
+        Args:
+            generator, scheduler: the causal student and the scheduler the pipeline re-noises with.
+            image_or_video_shape: `[B, F, C, H, W]`: scored window F and latent geometry.
+            denoising_step_list: few-step timesteps, already warped (the trainer applies
+                `warp_denoising_step`), high to low.
+            num_frame_per_block, independent_first_frame: the chunk layout `[N, N, ...]` / `[1, N, ...]`.
+            same_step_across_blocks, last_step_only, context_noise: exit-step and context-refresh rules
+                of the `SelfForcingTrainingPipeline`.
+            num_training_frames: most frames rolled out (default F; the pipeline's KV cache holds this
+                many); more than F needs `vae`.
+            vae: `WanVAE` for the long-rollout rule.
+            latent_dtype: dtype of the rollout noise and KV caches (bfloat16 under mixed precision).
+            pipeline: a prebuilt rollout pipeline (then the pipeline settings above are not used).
         """
         if pipeline is None:
             from pipeline.self_forcing_training import SelfForcingTrainingPipeline

@@ -107,6 +107,9 @@ def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch
     return WanVAE.from_original(p, dtype=dtype, device=device)
 
 
+# Objectives that train on the Self-Forcing rollout (built once in `build_objective_from_config`).
+ROLLOUT_OBJECTIVES = ("dmd", "sid", "gan")
+
 # Which networks each objective needs: (real score, critic).
 NEEDS = {
     "dmd": (True, True),
@@ -137,25 +140,34 @@ def build_objective_from_config(
     vae: WanVAE | None,
     latent_dtype: torch.dtype,
 ):
-    """Wire the config's keys into the objective named by `cfg.trainer`."""
-    from model import build_objective
+    """Wire the config's keys into the objective named by `cfg.trainer`.
+
+    For the rollout objectives (dmd, sid, gan) the Self-Forcing rollout is built here, once, and
+    handed to the objective as `rollout`.
+    """
+    from model import SelfForcingGenerator, build_objective
 
     scheduler = FlowMatchScheduler(
         shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
     )
     steps = step_list(cfg)
-    rollout = dict(
-        image_or_video_shape=list(cfg.image_or_video_shape),
-        denoising_step_list=[s for s in steps if s > 0],
-        num_frame_per_block=cfg.num_frame_per_block,
-        num_training_frames=cfg.num_training_frames,
-        independent_first_frame=cfg.independent_first_frame,
-        same_step_across_blocks=cfg.same_step_across_blocks,
-        last_step_only=cfg.last_step_only,
-        context_noise=cfg.context_noise,
-        vae=vae,
-        latent_dtype=latent_dtype,
-    )
+    name = cfg.trainer
+    rollout = None
+    if name in ROLLOUT_OBJECTIVES:
+        rollout = SelfForcingGenerator.build(
+            generator,
+            scheduler,
+            image_or_video_shape=list(cfg.image_or_video_shape),
+            denoising_step_list=[s for s in steps if s > 0],
+            num_frame_per_block=cfg.num_frame_per_block,
+            num_training_frames=cfg.num_training_frames,
+            independent_first_frame=cfg.independent_first_frame,
+            same_step_across_blocks=cfg.same_step_across_blocks,
+            last_step_only=cfg.last_step_only,
+            context_noise=cfg.context_noise,
+            vae=vae,
+            latent_dtype=latent_dtype,
+        )
     score = dict(
         timestep_shift=cfg.timestep_shift,
         ts_schedule=cfg.ts_schedule,
@@ -170,12 +182,18 @@ def build_objective_from_config(
         num_train_timestep=cfg.num_train_timestep,
         denoising_loss_type=cfg.denoising_loss_type,
     )
-    name = cfg.trainer
     if name == "dmd":
-        return build_objective("dmd", generator, real_score, critic, scheduler, **rollout, **distill)
+        return build_objective("dmd", generator, real_score, critic, scheduler, rollout=rollout, **distill)
     if name == "sid":
         return build_objective(
-            "sid", generator, real_score, critic, scheduler, sid_alpha=cfg.sid_alpha, **rollout, **distill
+            "sid",
+            generator,
+            real_score,
+            critic,
+            scheduler,
+            rollout=rollout,
+            sid_alpha=cfg.sid_alpha,
+            **distill,
         )
     if name == "causvid":
         return build_objective(
@@ -196,7 +214,7 @@ def build_objective_from_config(
             generator,
             critic,
             scheduler,
-            **rollout,
+            rollout=rollout,
             **score,
             critic_timestep_shift=cfg.critic_timestep_shift,
             relativistic_discriminator=cfg.relativistic_discriminator,

@@ -8,7 +8,6 @@ subclasses decide how the generated latents are made.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -208,14 +207,8 @@ class DMD(ScoreDistillation):
     """Self-Forcing DMD: the generated latents come from the autoregressive rollout (spec §4, §5.2).
 
     Args (beyond `ScoreDistillation`):
-        denoising_step_list, num_frame_per_block, independent_first_frame, same_step_across_blocks,
-        last_step_only, context_noise: rollout settings handed to the
-            `SelfForcingTrainingPipeline` (built here unless `pipeline` is given).
-        image_or_video_shape: `[B, F, C, H, W]`: scored window F and latent geometry.
-        num_training_frames: most frames rolled out (default F); more than F needs `vae`.
-        vae: `WanVAE` for the long-rollout rule.
-        latent_dtype: dtype of the rollout noise and KV caches (bfloat16 under mixed precision).
-        pipeline: a prebuilt rollout pipeline (then the rollout settings above are not used).
+        rollout: the Self-Forcing rollout of `generator` (window, chunk layout, step list, long-rollout
+            VAE), built with `SelfForcingGenerator.build(generator, scheduler, ...)`.
     """
 
     def __init__(
@@ -225,35 +218,11 @@ class DMD(ScoreDistillation):
         fake_score: WanDiffusionWrapper,
         scheduler: FlowMatchScheduler,
         *,
-        image_or_video_shape: Sequence[int],
-        denoising_step_list: Sequence[float] = (1000, 750, 500, 250),
-        num_frame_per_block: int = 3,
-        num_training_frames: int | None = None,
-        independent_first_frame: bool = False,
-        same_step_across_blocks: bool = True,
-        last_step_only: bool = False,
-        context_noise: float = 0.0,
-        vae: nn.Module | None = None,
-        latent_dtype: torch.dtype = torch.float32,
-        pipeline=None,
+        rollout: SelfForcingGenerator,
         **score_kwargs,
     ) -> None:
         super().__init__(generator, real_score, fake_score, scheduler, **score_kwargs)
-        self.rollout = SelfForcingGenerator.build(
-            generator,
-            scheduler,
-            image_or_video_shape=image_or_video_shape,
-            denoising_step_list=denoising_step_list,
-            num_frame_per_block=num_frame_per_block,
-            num_training_frames=num_training_frames,
-            independent_first_frame=independent_first_frame,
-            same_step_across_blocks=same_step_across_blocks,
-            last_step_only=last_step_only,
-            context_noise=context_noise,
-            vae=vae,
-            latent_dtype=latent_dtype,
-            pipeline=pipeline,
-        )
+        self.rollout = rollout
 
     def sample_shared(self, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         return self.rollout.sample_shared(batch_size, generator)

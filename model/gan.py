@@ -13,7 +13,6 @@ real score exists, and the generator step sends no gradient into the discriminat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,10 +43,8 @@ class GAN(Objective):
         critic: discriminator: a `WanDiffusionWrapper` around a `WanModel` with
             `wan.gan_head.add_gan_head` applied (trainable).
         scheduler: flow-matching scheduler (noising; the rollout's re-noising).
-        image_or_video_shape, denoising_step_list, num_frame_per_block, num_training_frames,
-        independent_first_frame, same_step_across_blocks, last_step_only, context_noise, vae, latent_dtype,
-        pipeline:
-            the rollout, as in `DMD`.
+        rollout: the Self-Forcing rollout of `generator`, built with
+            `SelfForcingGenerator.build(generator, scheduler, ...)` (as for `DMD`).
         timestep_shift, critic_timestep_shift (default: timestep_shift), ts_schedule, ts_schedule_max,
         min_score_timestep: the timestep draw of spec §5.1 with the critic's shift.
         relativistic_discriminator: relativistic losses instead of the separate softplus terms.
@@ -63,17 +60,7 @@ class GAN(Objective):
         critic: WanDiffusionWrapper,
         scheduler: FlowMatchScheduler,
         *,
-        image_or_video_shape: Sequence[int],
-        denoising_step_list: Sequence[float] = (1000, 750, 500, 250),
-        num_frame_per_block: int = 3,
-        num_training_frames: int | None = None,
-        independent_first_frame: bool = False,
-        same_step_across_blocks: bool = True,
-        last_step_only: bool = False,
-        context_noise: float = 0.0,
-        vae: nn.Module | None = None,
-        latent_dtype: torch.dtype = torch.float32,
-        pipeline=None,
+        rollout: SelfForcingGenerator,
         timestep_shift: float = 5.0,
         critic_timestep_shift: float | None = None,
         ts_schedule: bool = False,
@@ -98,21 +85,7 @@ class GAN(Objective):
         self.generator = generator
         self.critic = critic
         self.scheduler = scheduler
-        self.rollout = SelfForcingGenerator.build(
-            generator,
-            scheduler,
-            image_or_video_shape=image_or_video_shape,
-            denoising_step_list=denoising_step_list,
-            num_frame_per_block=num_frame_per_block,
-            num_training_frames=num_training_frames,
-            independent_first_frame=independent_first_frame,
-            same_step_across_blocks=same_step_across_blocks,
-            last_step_only=last_step_only,
-            context_noise=context_noise,
-            vae=vae,
-            latent_dtype=latent_dtype,
-            pipeline=pipeline,
-        )
+        self.rollout = rollout
         self.timesteps = ScoreTimestepSampler(
             num_train_timestep=scheduler.num_train_timesteps,
             timestep_shift=timestep_shift if critic_timestep_shift is None else critic_timestep_shift,

@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import gradient_only_through, timestep_bucket_metrics
+from utils.scheduler import FlowMatchScheduler
+from wan import WanDiffusionWrapper
+
+from .base import SelfForcingGenerator, gradient_only_through, timestep_bucket_metrics
 from .dmd import DMD
 
 __all__ = ["SiD"]
@@ -26,12 +29,23 @@ __all__ = ["SiD"]
 class SiD(DMD):
     """SiD generator loss on the Self-Forcing rollout; critic as DMD.
 
-    Args: those of `DMD`, plus `sid_alpha` (alpha in the loss; 1.0 upstream). Fake-score CFG is not
+    Args: those of `DMD` (the networks, `scheduler`, the built `rollout` and the score keywords of
+    `ScoreDistillation`), plus `sid_alpha` (alpha in the loss; 1.0 upstream). Fake-score CFG is not
     part of SiD: `fake_guidance_scale` must stay 0.
     """
 
-    def __init__(self, *args, sid_alpha: float = 1.0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        generator: WanDiffusionWrapper,
+        real_score: WanDiffusionWrapper,
+        fake_score: WanDiffusionWrapper,
+        scheduler: FlowMatchScheduler,
+        *,
+        rollout: SelfForcingGenerator,
+        sid_alpha: float = 1.0,
+        **score_kwargs,
+    ) -> None:
+        super().__init__(generator, real_score, fake_score, scheduler, rollout=rollout, **score_kwargs)
         if self.fake_cfg_weight != 1.0:
             raise ValueError("SiD does not use critic CFG; fake_guidance_scale must be 0")
         self.sid_alpha = float(sid_alpha)

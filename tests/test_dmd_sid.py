@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import DMD, CausVid, SiD, build_objective
+from model import DMD, CausVid, SelfForcingGenerator, SiD, build_objective
 from tests.wan_helpers import randomize_
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel
@@ -25,6 +25,11 @@ def nets():
     real = WanDiffusionWrapper(randomize_(WanModel(TINY), seed=2), sched)
     fake = WanDiffusionWrapper(randomize_(WanModel(TINY), seed=3), sched)
     return gen, real, fake, sched
+
+
+def _rollout(gen: WanDiffusionWrapper, sched: FlowMatchScheduler, **kwargs) -> SelfForcingGenerator:
+    """The Self-Forcing rollout over the `SHAPE` window (rollout keywords as `SelfForcingGenerator.build`)."""
+    return SelfForcingGenerator.build(gen, sched, image_or_video_shape=SHAPE, **kwargs)
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -76,8 +81,7 @@ def test_dmd_loss_value_and_gradient(nets, guidance, real_guidance, fake_guidanc
         real,
         fake,
         sched,
-        image_or_video_shape=SHAPE,
-        num_frame_per_block=N,
+        rollout=_rollout(gen, sched, num_frame_per_block=N),
         guidance_scale=guidance,
         real_guidance_scale=real_guidance,
         fake_guidance_scale=fake_guidance,
@@ -117,7 +121,7 @@ def test_dmd_loss_value_and_gradient(nets, guidance, real_guidance, fake_guidanc
 @pytest.mark.parametrize("loss_type", ["flow", "x0"])
 def test_critic_denoising_loss(nets, loss_type):
     gen, real, fake, sched = nets
-    obj = DMD(gen, real, fake, sched, image_or_video_shape=SHAPE, denoising_loss_type=loss_type)
+    obj = DMD(gen, real, fake, sched, rollout=_rollout(gen, sched), denoising_loss_type=loss_type)
     batch = _batch()
     x, t, noise = _inputs(requires_grad=False)
     loss = obj.denoising_loss(x, t, noise, batch)
@@ -135,7 +139,7 @@ def test_critic_denoising_loss(nets, loss_type):
 
 def test_missing_negative_prompt_is_named(nets):
     gen, real, fake, sched = nets
-    obj = DMD(gen, real, fake, sched, image_or_video_shape=SHAPE)
+    obj = DMD(gen, real, fake, sched, rollout=_rollout(gen, sched))
     x, t, noise = _inputs()
     with pytest.raises(KeyError, match="negative_prompt_embeds"):
         obj.dmd_loss(x, t, noise, {"prompt_embeds": torch.randn(B, 5, TINY.text_dim)})
@@ -148,7 +152,7 @@ def test_missing_negative_prompt_is_named(nets):
 def test_sid_loss_value_gradient_and_mask(nets, masked):
     gen, real, fake, sched = nets
     alpha, guidance = 0.7, 3.0
-    obj = SiD(gen, real, fake, sched, image_or_video_shape=SHAPE, sid_alpha=alpha, guidance_scale=guidance)
+    obj = SiD(gen, real, fake, sched, rollout=_rollout(gen, sched), sid_alpha=alpha, guidance_scale=guidance)
     batch = _batch()
     x, t, noise = _inputs()
     mask = _frame_mask() if masked else None
@@ -183,7 +187,7 @@ def test_sid_loss_value_gradient_and_mask(nets, masked):
 def test_sid_rejects_fake_cfg(nets):
     gen, real, fake, sched = nets
     with pytest.raises(ValueError, match="fake_guidance_scale"):
-        SiD(gen, real, fake, sched, image_or_video_shape=SHAPE, fake_guidance_scale=1.0)
+        SiD(gen, real, fake, sched, rollout=_rollout(gen, sched), fake_guidance_scale=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,9 +205,10 @@ def _no_grad(module: nn.Module) -> bool:
 def test_generator_and_critic_steps_touch_only_their_module(nets, name):
     gen, real, fake, sched = nets
     steps = sched.warp([1000, 750, 500, 250]).tolist()
-    kwargs = {"denoising_step_list": steps, "num_frame_per_block": N}
-    if name != "causvid":
-        kwargs["image_or_video_shape"] = SHAPE
+    if name == "causvid":
+        kwargs = {"denoising_step_list": steps, "num_frame_per_block": N}
+    else:
+        kwargs = {"rollout": _rollout(gen, sched, denoising_step_list=steps, num_frame_per_block=N)}
     obj = build_objective(name, gen, real, fake, sched, **kwargs)
     assert not any(p.requires_grad for p in real.parameters()), "the teacher is frozen"
     batch = _batch()

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import GAN
+from model import GAN, SelfForcingGenerator
 from tests.wan_helpers import randomize_
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel
@@ -162,7 +162,10 @@ def _gan(critic=None, **kwargs) -> GAN:
     gen = _generator()
     critic = critic if critic is not None else _critic()
     steps = gen.scheduler.warp([1000, 750, 500, 250]).tolist()
-    return GAN(gen, critic, gen.scheduler, image_or_video_shape=SHAPE, denoising_step_list=steps, **kwargs)
+    rollout = SelfForcingGenerator.build(
+        gen, gen.scheduler, image_or_video_shape=SHAPE, denoising_step_list=steps, num_frame_per_block=N
+    )
+    return GAN(gen, critic, gen.scheduler, rollout=rollout, **kwargs)
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -257,4 +260,9 @@ def test_critic_without_head_is_rejected():
     gen = _generator()
     plain = WanDiffusionWrapper(WanModel(TINY3), gen.scheduler)
     with pytest.raises(ValueError, match="add_gan_head"):
-        GAN(gen, plain, gen.scheduler, image_or_video_shape=SHAPE)
+        GAN(
+            gen,
+            plain,
+            gen.scheduler,
+            rollout=SelfForcingGenerator.build(gen, gen.scheduler, image_or_video_shape=SHAPE),
+        )

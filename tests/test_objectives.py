@@ -290,7 +290,9 @@ def test_dmd_freezes_real_score_and_exposes_roles():
     sched = gen.scheduler
     real = WanDiffusionWrapper(WanModel(TINY), sched)
     fake = WanDiffusionWrapper(WanModel(TINY), sched)
-    obj = build_objective("dmd", gen, real, fake, sched, image_or_video_shape=[1, 6, C, H, W])
+    rollout = SelfForcingGenerator.build(gen, sched, image_or_video_shape=[1, 6, C, H, W])
+    obj = build_objective("dmd", gen, real, fake, sched, rollout=rollout)
+    assert obj.rollout is rollout
     assert isinstance(obj, DMD)
     assert not any(p.requires_grad for p in real.parameters())
     assert all(p.requires_grad for p in fake.parameters())
