@@ -193,7 +193,9 @@ class Trainer:
             step = self.checkpointer.load_latest(self._checkpoint_state())
             if step is not None:
                 logger.info("resumed from step %d", step)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # Pre-emption (SIGTERM/SIGUSR1) and a first Ctrl-C (SIGINT) finish the step, save and stop;
+        # a second Ctrl-C interrupts at once.
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
     def _build_dit(self, role: str, trainable: bool, gan_head: bool = False) -> WanDiffusionWrapper:
@@ -396,6 +398,8 @@ class Trainer:
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _agreed_stop(self) -> bool:
         """All ranks stop at the same step if any rank got SIGTERM/SIGUSR1 (cluster pre-emption)."""
