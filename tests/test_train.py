@@ -124,7 +124,9 @@ def test_each_trainer_runs_three_steps_and_saves(config, tmp_path, toy_lmdb):
     assert (tmp_path / "config.yaml").exists()
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+@pytest.mark.parametrize("config", ["tiny_dmd", "tiny_sid", "tiny_gan"])
+def test_two_ranks_equal_one_rank_with_accumulation(config, tmp_path, toy_lmdb):
+    # SiD and GAN differentiate with autograd.grad through FSDP2 modules: covered here too.
     common = [
         "max_steps=2",
         "log_iters=2",
@@ -132,8 +134,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path):
         "dfake_gen_update_ratio=1",
         "total_batch_size=2",
     ]
-    train("configs/tiny_dmd.yaml", tmp_path / "two", common, nproc=2)
-    train("configs/tiny_dmd.yaml", tmp_path / "one", common, nproc=1)
+    if config == "tiny_gan":
+        common.append(f"data_path={toy_lmdb}")
+    train(f"configs/{config}.yaml", tmp_path / "two", common, nproc=2)
+    train(f"configs/{config}.yaml", tmp_path / "one", common, nproc=1)
     two, one = weights(load_checkpoint(tmp_path / "two", 2)), weights(load_checkpoint(tmp_path / "one", 2))
     assert two.keys() == one.keys()
     for k in two:
@@ -193,7 +197,8 @@ def test_checkpoint_from_one_process_resumes_on_two(tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_signal_saves_a_checkpoint_that_resumes(tmp_path, sig):
     overrides = ["max_steps=1000", "log_iters=1000", "sample_every=0"]
     proc = subprocess.Popen(
         _cmd("configs/tiny_dmd.yaml", tmp_path, overrides),
@@ -208,7 +213,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 2) and time.time() < deadline:
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 0
     saved = sorted((tmp_path / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
