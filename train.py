@@ -16,6 +16,7 @@ blocks) are drawn once per optimizer step on rank 0 and broadcast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import logging
@@ -425,10 +426,7 @@ class Trainer:
             vae=self.vae,
             num_max_frames=cfg.image_or_video_shape[1],
         )
-        prompts = [
-            self.dataset[i]["prompts"] if "prompts" in self.dataset[i] else ""
-            for i in range(min(2, len(self.dataset)))
-        ]
+        prompts = [self.dataset[i]["prompts"] for i in range(min(2, len(self.dataset)))]
         cond = {
             "prompt_embeds": self.text_encoder(prompts)["prompt_embeds"].to(self.device, self.latent_dtype)
         }
@@ -437,12 +435,8 @@ class Trainer:
         noise = torch.randn(len(prompts), f, c, h, w, generator=g).to(self.device, self.latent_dtype)
         self.generator.eval()
         try:
-            ctx = (
-                self.ema.swap_into(self.generator)
-                if (self.ema is not None and self.state.ema_active)
-                else _null()
-            )
-            with ctx:
+            use_ema = self.ema is not None and self.state.ema_active
+            with self.ema.swap_into(self.generator) if use_ema else contextlib.nullcontext():
                 out = pipe.inference(noise, cond, generator=g)
         finally:
             self.generator.train()
@@ -454,14 +448,6 @@ class Trainer:
         if hasattr(self, "metrics"):
             self.metrics.close()
         cleanup(synchronize=ok)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -114,7 +114,14 @@ def test_each_trainer_runs_three_steps_and_saves(config, tmp_path, toy_lmdb):
     overrides = list(FAST)
     if config not in ("tiny_dmd", "tiny_sid"):
         overrides.append(f"data_path={toy_lmdb}")
+    if config in ("tiny_dmd", "tiny_ode"):  # sample videos with (dmd) and without (ode) EMA
+        overrides.append("sample_every=3")
+    if config == "tiny_ode":
+        overrides.append("ema_weight=0")
     train(f"configs/{config}.yaml", tmp_path, overrides)
+    if "sample_every=3" in overrides:
+        for kind in ("mp4", "png"):
+            assert (tmp_path / "samples" / f"sample0_step00000003.{kind}").stat().st_size > 0
     ckpt = load_checkpoint(tmp_path, 3)
     assert ckpt["trainer"]["step"] == 3 and ckpt["trainer"]["nan_skips"] == 0
     assert all(torch.isfinite(v).all() for v in weights(ckpt).values())
