@@ -177,7 +177,13 @@ class ScoreDistillation(Objective):
         x = out.latents
         t = self.sample_timestep(x, out)
         noise = torch.randn_like(x)
-        return self.dmd_loss(x, t, noise, batch, out.gradient_mask)
+        return self.distribution_loss(x, t, noise, batch, out.gradient_mask)
+
+    def distribution_loss(
+        self, x: Tensor, t: Tensor, noise: Tensor, batch: dict[str, Tensor], gradient_mask: Tensor | None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The generator's distribution-matching term on generated `x` (DMD here; SiD overrides)."""
+        return self.dmd_loss(x, t, noise, batch, gradient_mask)
 
     # -- critic (§5.3) --
     def denoising_loss(self, x: Tensor, t: Tensor, noise: Tensor, batch: dict[str, Tensor]) -> Tensor:

@@ -12,8 +12,6 @@ step (the vector-Jacobian product through them is taken w.r.t. `x` only, `gradie
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -79,11 +77,7 @@ class SiD(DMD):
         metrics.update(timestep_bucket_metrics(per_sample, t[:, 0], self.num_train_timestep))
         return loss, metrics
 
-    def generator_loss(
-        self, batch: dict[str, Tensor], shared: dict[str, Any]
+    def distribution_loss(
+        self, x: Tensor, t: Tensor, noise: Tensor, batch: dict[str, Tensor], gradient_mask: Tensor | None
     ) -> tuple[Tensor, dict[str, float]]:
-        out = self.generate(batch, shared)
-        x = out.latents
-        t = self.sample_timestep(x, out)
-        noise = torch.randn_like(x)
-        return self.sid_loss(x, t, noise, batch, out.gradient_mask)
+        return self.sid_loss(x, t, noise, batch, gradient_mask)

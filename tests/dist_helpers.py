@@ -36,6 +36,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for running the repo's scripts in a subprocess: repo on the path, CPU only
+    (accelerators hidden, so gloo is used), one thread per process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
 def run_torchrun(
     script: Path, args: Sequence[str] = (), nproc: int = 2, timeout: float = 180.0
 ) -> subprocess.CompletedProcess[str]:
@@ -44,10 +54,7 @@ def run_torchrun(
     CPU only (accelerators hidden, so gloo is used); fails the calling test with the full output
     when the return code is not 0 or the timeout passes.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -1,13 +1,12 @@
 """Datasets, sampler and loader: prompt parsing, LMDB items, exact resume, shard coverage."""
 
 import itertools
-from pathlib import Path
 
-import lmdb
 import numpy as np
 import pytest
 import torch
 
+from tests.lmdb_helpers import write_upstream_env
 from utils.dataset import (
     LatentLMDBDataset,
     ODERegressionLMDBDataset,
@@ -20,22 +19,6 @@ from utils.dataset import (
 )
 
 K1, F, C, H, W = 3, 2, 4, 4, 6  # tiny [K+1, F, C, H, W]
-
-
-def write_upstream_env(
-    path: Path, rows: np.ndarray, prompts: list[str], full_prompt_shape: bool = False
-) -> None:
-    """An LMDB in upstream's layout, written with raw lmdb calls."""
-    path.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for i, (row, prompt) in enumerate(zip(rows, prompts)):
-            txn.put(f"latents_{i}_data".encode(), row.astype(np.float16).tobytes())
-            txn.put(f"prompts_{i}_data".encode(), prompt.encode())
-        shape = " ".join(str(d) for d in rows.shape)
-        txn.put(b"latents_shape", shape.encode())
-        txn.put(b"prompts_shape", (shape if full_prompt_shape else str(len(prompts))).encode())
-    env.close()
 
 
 # 1. TextDataset ----------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ multi-rank runs, an uninterrupted single-process run.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from scripts import generate_ode_pairs
-from tests.dist_helpers import REPO_ROOT, run_torchrun
+from tests.dist_helpers import REPO_ROOT, run_torchrun, subprocess_env
 from tests.wan_helpers import randomize_
 from utils.dataset import ODERegressionLMDBDataset
 from utils.lmdb import LMDBReader, LMDBWriter, shard_path
@@ -134,14 +133,6 @@ def test_rerun_writes_nothing(files, uninterrupted):
     assert len(_rows(out)) == len(UNIQUE)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_uninterrupted_rows(files, uninterrupted):
     out = files["root"] / "killed"
@@ -149,7 +140,7 @@ def test_killed_job_resumes_to_the_uninterrupted_rows(files, uninterrupted):
     # ~0.5 s per prompt so the kill lands mid-job; a separate run with these steps is the reference
     slow = ["--num_steps", "64", "--keep_indices", "0", "16", "32", "48", "-1"]
     cmd = [sys.executable, str(script), *_argv(files, out), *slow]
-    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, subprocess_env
 from utils.checkpoint import read_run_model
 from wan import WanConfig
 from wan.toy import toy_dit_state_dict
@@ -23,7 +22,7 @@ PROMPTS = ["a cat / on a roof", "waves at sunset " * 20, "a red car"]  # a slash
 
 
 def _run(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = subprocess_env()
     launcher = [sys.executable]
     if nproc > 1:
         launcher += [

@@ -10,25 +10,10 @@ import pytest
 import torch
 
 import utils.lmdb as lmdb_mod
+from tests.lmdb_helpers import write_upstream_env
 from utils.lmdb import LMDBFormatError, LMDBReader, LMDBWriter, read_done_keys, shard_path
 
 ROW = (3, 2, 4, 4, 6)  # [K+1, F, C, H, W], tiny
-
-
-def write_upstream_env(
-    path: Path, rows: np.ndarray, prompts: list[str], full_prompt_shape: bool = False
-) -> None:
-    """Write an LMDB the way upstream's scripts do, with raw lmdb calls (independent of our writer)."""
-    path.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for i, (row, prompt) in enumerate(zip(rows, prompts)):
-            txn.put(f"latents_{i}_data".encode(), row.astype(np.float16).tobytes())
-            txn.put(f"prompts_{i}_data".encode(), prompt.encode())
-        shape = " ".join(str(d) for d in rows.shape)
-        txn.put(b"latents_shape", shape.encode())
-        txn.put(b"prompts_shape", (shape if full_prompt_shape else str(len(prompts))).encode())
-    env.close()
 
 
 def raw_get(path: Path, key: bytes) -> bytes | None:

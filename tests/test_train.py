@@ -8,7 +8,6 @@ checkpoint that resumes; a NaN step is skipped and never saved; a config typo fa
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,19 +18,11 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.dist_helpers import free_port
+from tests.dist_helpers import free_port, subprocess_env
 from utils.lmdb import LMDBWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["max_steps=3", "log_iters=3", "sample_every=0", "wandb_mode=disabled"]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _cmd(config: str, logdir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
@@ -60,7 +51,7 @@ def _cmd(config: str, logdir: Path, overrides: list[str], nproc: int = 1) -> lis
 def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeout: float = 240) -> str:
     proc = subprocess.run(
         _cmd(config, logdir, overrides, nproc),
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -164,7 +155,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     logdir = tmp_path / "killed"
     proc = subprocess.Popen(
         _cmd("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"]),
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -209,7 +200,7 @@ def test_signal_saves_a_checkpoint_that_resumes(tmp_path, sig):
     overrides = ["max_steps=1000", "log_iters=1000", "sample_every=0"]
     proc = subprocess.Popen(
         _cmd("configs/tiny_dmd.yaml", tmp_path, overrides),
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -273,7 +264,7 @@ def test_config_typo_fails_fast_naming_the_key(tmp_path, override, culprit, sugg
     started = time.time()
     proc = subprocess.run(
         _cmd("configs/tiny_dmd.yaml", tmp_path, [override]),
-        env=_env(),
+        env=subprocess_env(),
         cwd=ROOT,
         capture_output=True,
         text=True,
