@@ -207,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vae",
         required=True,
-        help="a diffusers-format Wan folder (with vae/), or Wan's original Wan2.1_VAE.pth",
+        help="a diffusers-format Wan folder (with vae/), Wan's original Wan2.1_VAE.pth, or 'toy'",
     )
     parser.add_argument("--append", action="store_true", help="write into an output made with other settings")
     parser.add_argument("--height", type=int, default=480, help="pixel height after resize + centre crop")
@@ -229,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load_vae(path: str, device: torch.device, dtype: torch.dtype):
     from wan.vae import WanVAE  # diffusers is heavy: import when the job really starts
 
+    if path == "toy":  # the toy world's seeded tiny VAE (z_dim 4), identical to train.py's
+        from wan.toy import toy_vae
+
+        return toy_vae().to(device=device, dtype=dtype)
     vae_path = Path(path)
     if vae_path.is_dir():
         return WanVAE.from_diffusers_folder(vae_path, dtype=dtype, device=device)
