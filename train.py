@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from model.build import (
@@ -39,7 +40,7 @@ from model.build import (
     dit_weights,
     make_dit,
 )
-from utils.checkpoint import Checkpointer, ModelState
+from utils.checkpoint import Checkpointer, ModelState, OptimizerState
 from utils.config import TrainConfig, load_config, resolve_accumulation, save_config
 from utils.dataset import (
     LatentLMDBDataset,
@@ -66,7 +67,7 @@ from utils.ema import EMA
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.optim import build_optimizer, build_scheduler, clip_grad_norm
 from wan import WanDiffusionWrapper
-from wan.gan_head import add_gan_head
+from wan.gan_head import add_gan_head, gan_head_parameter_names
 from wan.weights import load_dit_weights
 
 logger = logging.getLogger("train")
@@ -164,13 +165,32 @@ class Trainer:
                 self.generator.parameters(), cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay
             )
         }
+        self.head_params: list[nn.Parameter] = []
+        self.warmup_optimizer = None
         if self.critic is not None:
+            if (
+                cfg.trainer == "gan"
+            ):  # the discriminator head trains at lr_critic x discriminator_lr_multiplier
+                names = gan_head_parameter_names(self.critic)
+                self.head_params = [p for n, p in self.critic.named_parameters() if n in names]
             self.optimizers["critic"] = build_optimizer(
                 self.critic.parameters(),
                 cfg.lr_critic,
                 (cfg.beta1_critic, cfg.beta2_critic),
                 cfg.weight_decay,
+                lr_multipliers=[(self.head_params, cfg.discriminator_lr_multiplier)]
+                if self.head_params
+                else (),
             )
+            if cfg.trainer == "gan" and cfg.discriminator_warmup_steps > 0:
+                # Upstream's warm-up: only the head trains (Adam beta1 0.9), then the main optimizer
+                # starts fresh; the generator waits.
+                self.warmup_optimizer = build_optimizer(
+                    self.head_params,
+                    cfg.lr_critic * cfg.discriminator_lr_multiplier,
+                    (0.9, cfg.beta2_critic),
+                    cfg.weight_decay,
+                )
         self.lr_schedulers = {k: build_scheduler(o, cfg.lr_warmup_steps) for k, o in self.optimizers.items()}
         self.ema = EMA(self.generator) if cfg.ema_weight > 0 else None
 
@@ -206,7 +226,10 @@ class Trainer:
             wrapper = make_dit(cfg, role)
             if gan_head:
                 add_gan_head(
-                    wrapper, num_class=cfg.num_class, concat_time_embeddings=cfg.concat_time_embeddings
+                    wrapper,
+                    num_class=cfg.num_class,
+                    concat_time_embeddings=cfg.concat_time_embeddings,
+                    tap_layers=cfg.gan_tap_layers,
                 )
             return wrapper
 
@@ -276,6 +299,8 @@ class Trainer:
             state["lr_critic"] = self.lr_schedulers["critic"]
         if self.ema is not None:
             state["ema"] = self.ema
+        if self.warmup_optimizer is not None:
+            state["critic_warmup_optim"] = OptimizerState(self.critic, self.warmup_optimizer)
         return state
 
     # ------------------------------------------------------------------------------------ batches
@@ -300,7 +325,8 @@ class Trainer:
     def _optimizer_step(self, role: str) -> dict[str, float]:
         cfg, step = self.cfg, self.state.step
         module = self.generator if role == "generator" else self.critic
-        optimizer = self.optimizers[role]
+        warming_up = role == "critic" and self._in_discriminator_warmup()
+        optimizer = self.warmup_optimizer if warming_up else self.optimizers[role]
         optimizer.zero_grad(set_to_none=True)
         shared = None
         if self.dist.rank == 0:
@@ -323,6 +349,11 @@ class Trainer:
         # The loss is averaged over ranks for logging; a non-finite value anywhere skips the step.
         torch.distributed.all_reduce(total_loss)
         total_loss /= self.dist.world_size
+        if warming_up:  # only the head's parameters change during the warm-up
+            head = {id(p) for p in self.head_params}
+            for p in module.parameters():
+                if id(p) not in head:
+                    p.grad = None
         max_norm = cfg.max_grad_norm_generator if role == "generator" else cfg.max_grad_norm_critic
         grad_norm = clip_grad_norm(module, max_norm)
         out = {f"{role}_loss": float(total_loss), f"{role}_grad_norm": grad_norm}
@@ -340,7 +371,8 @@ class Trainer:
             out[f"{role}_skipped"] = 1.0
             return out
         optimizer.step()
-        self.lr_schedulers[role].step()
+        if not warming_up:
+            self.lr_schedulers[role].step()
         optimizer.zero_grad(set_to_none=True)
         if role == "generator" and self.ema is not None and self.state.ema_active:
             self.ema.update(self.generator, cfg.ema_weight)
@@ -359,7 +391,9 @@ class Trainer:
             started = time.perf_counter()
             step = self.state.step
             metrics: dict[str, float] = {}
-            if not has_critic or step % cfg.dfake_gen_update_ratio == 0:
+            if (
+                not has_critic or step % cfg.dfake_gen_update_ratio == 0
+            ) and not self._in_discriminator_warmup():
                 metrics.update(self._optimizer_step("generator"))
             if has_critic:
                 metrics.update(self._optimizer_step("critic"))
@@ -393,6 +427,9 @@ class Trainer:
             latest = self.checkpointer.latest() if self.dist.rank == 0 else None
             if broadcast_object(latest is None or latest[0] != self.state.step):
                 self.save()
+
+    def _in_discriminator_warmup(self) -> bool:
+        return self.warmup_optimizer is not None and self.state.step < self.cfg.discriminator_warmup_steps
 
     def save(self) -> None:
         self.checkpointer.save(self.state.step, self._checkpoint_state())

@@ -274,3 +274,37 @@ def test_config_typo_fails_fast_naming_the_key(tmp_path, override, culprit, sugg
     assert culprit in proc.stderr and suggestion in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
     assert time.time() - started < 60
+
+
+def test_gan_head_lr_multiplier_warmup_and_tap_layers(tmp_path, toy_lmdb):
+    # Upstream's GAN keys: the head trains at lr_critic x discriminator_lr_multiplier; during
+    # discriminator_warmup_steps only the head trains (generator and critic body wait).
+    overrides = [
+        f"data_path={toy_lmdb}",
+        "max_steps=3",
+        "log_iters=1",
+        "sample_every=0",
+        "dfake_gen_update_ratio=1",
+    ]
+    overrides += ["discriminator_warmup_steps=2", "discriminator_lr_multiplier=3", "gan_tap_layers=[0,1]"]
+    train("configs/tiny_gan.yaml", tmp_path, overrides)
+    from wan import WanConfig
+    from wan.toy import toy_dit_state_dict
+
+    start = toy_dit_state_dict(WanConfig.preset("tiny"))
+    after_warmup, after = load_checkpoint(tmp_path, 2), load_checkpoint(tmp_path, 3)
+    for k, v in start.items():
+        assert torch.equal(after_warmup["generator"]["model"][f"model.{k}"], v), k
+        assert torch.equal(after_warmup["critic"]["model"][f"model.{k}"], v), k
+    head = [k for k in after["critic"]["model"] if not k.startswith("model.")]
+    assert any(
+        not torch.equal(
+            load_checkpoint(tmp_path, 1)["critic"]["model"][k], after_warmup["critic"]["model"][k]
+        )
+        for k in head
+    )
+    assert any(not torch.equal(after["critic"]["model"][f"model.{k}"], v) for k, v in start.items())
+    assert {k.split(".")[1] for k in head if k.startswith("_gan_ca_blocks.")} == {"0", "1"}
+    lrs = sorted(g["lr"] for g in after["critic"]["optim"]["param_groups"])
+    assert lrs[1] == pytest.approx(3 * lrs[0])
+    assert ["generator_loss" in r for r in metrics(tmp_path)] == [False, False, True]

@@ -88,6 +88,22 @@ class ModelState(Stateful):
             set_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"])
 
 
+class OptimizerState(Stateful):
+    """An extra optimizer over (some of) a module's parameters, saved without the module's weights."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        reshard_all(self.model)
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        reshard_all(self.model)
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
 def _capture_rng() -> bytes:
     accel = None
     if torch.cuda.is_available():  # accelerator RNG of the current device, when there is one

@@ -16,12 +16,21 @@ def build_optimizer(
     betas: tuple[float, float],
     weight_decay: float,
     eps: float = 1e-8,
+    lr_multipliers: Iterable[tuple[Iterable[nn.Parameter], float]] = (),
 ) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad (upstream: generator and critic optimisers, §6.3)."""
-    trainable = [p for p in params if p.requires_grad]
-    if not trainable:
+    """AdamW over the parameters that require grad (upstream: generator and critic optimisers, §6.3).
+
+    `lr_multipliers`: `(params, factor)` pairs put in their own group at `lr * factor` (upstream's
+    `discriminator_lr_multiplier` for the GAN head); every other parameter gets `lr`.
+    """
+    special = [([p for p in ps if p.requires_grad], factor) for ps, factor in lr_multipliers]
+    taken = {id(p) for ps, _ in special for p in ps}
+    trainable = [p for p in params if p.requires_grad and id(p) not in taken]
+    groups = [{"params": trainable, "lr": lr}] + [{"params": ps, "lr": lr * f} for ps, f in special if ps]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
         raise ValueError("build_optimizer: no parameter requires grad (is the module frozen?)")
-    return torch.optim.AdamW(trainable, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
 class LinearWarmup:

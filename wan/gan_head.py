@@ -26,7 +26,9 @@ __all__ = [
     "RegisterTokens",
     "add_gan_head",
     "default_tap_layers",
+    "GAN_HEAD_MODULES",
     "classify_forward",
+    "gan_head_parameter_names",
     "gan_logits",
     "has_gan_head",
 ]
@@ -149,8 +151,16 @@ def add_gan_head(
     return wrapper
 
 
+GAN_HEAD_MODULES = ("_register_tokens", "_gan_ca_blocks", "_cls_pred_branch")
+
+
+def gan_head_parameter_names(wrapper: nn.Module) -> set[str]:
+    """Names (in `wrapper.named_parameters()`) of the classification branch's parameters."""
+    return {n for n, _ in wrapper.named_parameters() if n.split(".", 1)[0] in GAN_HEAD_MODULES}
+
+
 def has_gan_head(wrapper: nn.Module) -> bool:
-    return all(hasattr(wrapper, n) for n in ("_register_tokens", "_gan_ca_blocks", "_cls_pred_branch"))
+    return all(hasattr(wrapper, n) for n in GAN_HEAD_MODULES)
 
 
 def gan_logits(
