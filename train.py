@@ -270,7 +270,7 @@ class Trainer:
                 "data_path is not set: a prompt file (dmd/sid) or an LMDB directory (gan/ode/diffusion/causvid)"
             )
         f, c, h, w = cfg.latent_shape
-        if cfg.trainer in ("dmd", "sid"):
+        if cfg.trainer in ("dmd", "sid") and not cfg.i2v:  # i2v: the first frame comes from video latents
             dataset = TextDataset(cfg.data_path)
         elif cfg.trainer == "ode":
             dataset = ODERegressionLMDBDataset(cfg.data_path, max_pair=cfg.max_pair)

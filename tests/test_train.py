@@ -308,3 +308,20 @@ def test_gan_head_lr_multiplier_warmup_and_tap_layers(tmp_path, toy_lmdb):
     lrs = sorted(g["lr"] for g in after["critic"]["optim"]["param_groups"])
     assert lrs[1] == pytest.approx(3 * lrs[0])
     assert ["generator_loss" in r for r in metrics(tmp_path)] == [False, False, True]
+
+
+def test_image_to_video_dmd_trains_on_video_latents(tmp_path):
+    # i2v: the first latent frame of a real clip conditions the rollout ([1, N, N] blocks).
+    data = tmp_path / "latents"
+    g = torch.Generator().manual_seed(1)
+    with LMDBWriter(data) as writer:
+        for i in range(4):
+            writer.write(f"clip {i}", torch.randn(7, 4, 8, 8, generator=g))
+    overrides = [
+        f"data_path={data}",
+        "i2v=true",
+        "independent_first_frame=true",
+        "image_or_video_shape=[1,7,4,8,8]",
+    ]
+    train("configs/tiny_dmd.yaml", tmp_path / "run", [*overrides, "num_training_frames=7", *FAST])
+    assert load_checkpoint(tmp_path / "run", 3)["trainer"]["step"] == 3
