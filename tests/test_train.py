@@ -325,3 +325,23 @@ def test_image_to_video_dmd_trains_on_video_latents(tmp_path):
     ]
     train("configs/tiny_dmd.yaml", tmp_path / "run", [*overrides, "num_training_frames=7", *FAST])
     assert load_checkpoint(tmp_path / "run", 3)["trainer"]["step"] == 3
+
+
+def test_generator_ckpt_accepts_an_exported_or_upstream_pt(tmp_path):
+    # generator_ckpt: an upstream-format .pt ({"generator": {"model.<key>": ...}}); lr 0 keeps it.
+    from wan import WanConfig
+    from wan.toy import toy_dit_state_dict
+    from wan.weights import write_self_forcing_pt
+
+    init = {
+        k: v + 0.01 * torch.randn_like(v) for k, v in toy_dit_state_dict(WanConfig.preset("tiny")).items()
+    }
+    write_self_forcing_pt(tmp_path / "ode_init.pt", generator=init)
+    train(
+        "configs/tiny_dmd.yaml",
+        tmp_path / "run",
+        [f"generator_ckpt={tmp_path / 'ode_init.pt'}", "lr=0", *FAST],
+    )
+    gen = load_checkpoint(tmp_path / "run", 3)["generator"]["model"]
+    for k, v in init.items():
+        assert torch.equal(gen[f"model.{k}"], v), k
