@@ -322,10 +322,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
     info = init_distributed()
     setup_logging(info.rank)
+    ok = False
     try:
-        return encode(args, info)
+        result = encode(args, info)
+        ok = True
+        return result
     finally:
-        cleanup()
+        cleanup(synchronize=ok)  # after an error a peer may never reach the barrier
 
 
 if __name__ == "__main__":

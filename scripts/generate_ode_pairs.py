@@ -219,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     info = init_distributed()
     setup_logging(info.rank)
+    ok = False
     try:
-        return generate(args, info)
+        result = generate(args, info)
+        ok = True
+        return result
     finally:
-        cleanup()
+        cleanup(synchronize=ok)  # after an error a peer may never reach the barrier
 
 
 if __name__ == "__main__":
