@@ -134,15 +134,7 @@ class Trainer:
         )
 
         # 2. frozen networks (replicated): text encoder and, when needed, the VAE
-        self.text_encoder = build_text_encoder(cfg, self.device)
-        # Sharded like the DiTs (one unit per umT5 block), optionally with parameters kept on the CPU.
-        shard_model(
-            self.text_encoder,
-            self.mesh,
-            block_lists=("encoder.encoder.block",),
-            mixed_precision=False,
-            cpu_offload=cfg.text_encoder_cpu_offload,
-        )
+        self.text_encoder = self._build_text_encoder()
         needs_vae = cfg.i2v or cfg.num_training_frames > cfg.image_or_video_shape[1] or cfg.sample_every > 0
         self.vae = build_vae(cfg, self.device) if needs_vae else None
 
@@ -218,6 +210,27 @@ class Trainer:
         # a second Ctrl-C interrupts at once.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _build_text_encoder(self):
+        """Frozen umT5: structure on meta everywhere, weights read by rank 0 only and broadcast, sharded
+        like the DiTs (one unit per umT5 block), optionally with its parameters kept on the CPU."""
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
+        with torch.device("meta"):
+            encoder = build_text_encoder(cfg, torch.device("meta"), dtype, structure_only=True)
+        full_sd = None
+        if self.dist.rank == 0:
+            full_sd = build_text_encoder(cfg, torch.device("cpu"), dtype).state_dict()
+        shard_model(
+            encoder,
+            self.mesh,
+            block_lists=("encoder.encoder.block",),
+            mixed_precision=False,
+            cpu_offload=cfg.text_encoder_cpu_offload,
+        )
+        home = torch.device("cpu") if cfg.text_encoder_cpu_offload else self.device
+        load_full_state_dict(encoder, full_sd, device=home)
+        return encoder.eval()
 
     def _build_dit(self, role: str, trainable: bool, gan_head: bool = False) -> WanDiffusionWrapper:
         cfg = self.cfg

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from utils.config import ConfigError, TrainConfig
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan.text_encoder import umt5_xxl_config
 from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
 from wan.weights import read_dit_weights
 
@@ -76,21 +78,37 @@ def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:
 
 
 def build_text_encoder(
-    cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32
+    cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32, structure_only: bool = False
 ) -> WanTextEncoder:
-    """umT5 from `text_encoder_path` (diffusers folder, or original `.pth` beside `google/umt5-xxl/`)."""
+    """umT5 from `text_encoder_path` (diffusers folder, or original `.pth` beside `google/umt5-xxl/`).
+
+    `structure_only` builds the network (on the current default device, e.g. meta) and the tokenizer
+    without reading the weights: the trainer's non-zero ranks do that and receive rank 0's weights.
+    """
     gcfg = wan_config(cfg, "generator")
     path = cfg.text_encoder_path
     if path is None:
         if cfg.generator_model != "tiny":
             raise ConfigError("text_encoder_path is required unless generator_model is 'tiny'")
-        return toy_text_encoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len).to(device)
+        encoder = toy_text_encoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len)
+        return encoder if structure_only else encoder.to(device)
     p = Path(path)
     if p.is_dir() and (p / "text_encoder").is_dir():
+        if structure_only:
+            config = UMT5Config.from_pretrained(p / "text_encoder", local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(p / "tokenizer", local_files_only=True)
+            return WanTextEncoder(UMT5EncoderModel(config).to(dtype), tokenizer, text_len=gcfg.text_len)
         return WanTextEncoder.from_diffusers_folder(p, dtype=dtype, device=device, text_len=gcfg.text_len)
     if p.is_file():
-        tokenizer = p.parent / "google" / "umt5-xxl"
-        return WanTextEncoder.from_original(p, tokenizer, dtype=dtype, device=device, text_len=gcfg.text_len)
+        tokenizer_path = p.parent / "google" / "umt5-xxl"
+        if structure_only:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+            return WanTextEncoder(
+                UMT5EncoderModel(umt5_xxl_config()).to(dtype), tokenizer, text_len=gcfg.text_len
+            )
+        return WanTextEncoder.from_original(
+            p, tokenizer_path, dtype=dtype, device=device, text_len=gcfg.text_len
+        )
     raise FileNotFoundError(f"text_encoder_path={path}: neither a diffusers folder nor a .pth file")
 
 
