@@ -497,6 +497,11 @@ class Trainer:
     def cleanup(self, ok: bool = True) -> None:
         if hasattr(self, "metrics"):
             self.metrics.close()
+        # Release everything that holds the device mesh before the process group goes (see
+        # utils.distributed.cleanup); the Trainer object itself may outlive this call.
+        for name in ("objective", "generator", "real_score", "critic", "text_encoder", "vae", "ema",
+                     "optimizers", "warmup_optimizer", "lr_schedulers", "head_params", "mesh", "checkpointer"):  # fmt: skip
+            self.__dict__.pop(name, None)
         cleanup(synchronize=ok)
 
 

@@ -10,6 +10,7 @@ size, including 1.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -119,7 +120,13 @@ def cleanup(synchronize: bool = True) -> None:
     With `synchronize`, ranks first meet at a barrier so that none tears down its connections while
     a peer still uses them (gloo aborts the peer otherwise). Pass False when leaving on an error,
     where the other ranks may never arrive.
+
+    Drop every FSDP2 module, optimizer and DTensor first: objects that still hold the device mesh
+    when the group is destroyed are freed later, during interpreter shutdown, and with gloo that
+    aborts the process ("terminate called without an active exception") in about 1 run in 6.
+    The `gc.collect()` here frees such objects that are already unreachable.
     """
+    gc.collect()
     if dist.is_initialized():
         if synchronize and dist.get_world_size() > 1:
             dist.barrier()
