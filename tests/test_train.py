@@ -8,6 +8,7 @@ checkpoint that resumes; a NaN step is skipped and never saved; a config typo fa
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -390,3 +391,13 @@ def test_text_encoder_from_a_diffusers_folder_is_read_by_rank_zero_and_broadcast
     }
     train("configs/tiny_dmd.yaml", tmp_path / "run", [f"text_encoder_path={folder}", *FAST], nproc=2)
     assert load_checkpoint(tmp_path / "run", 3)["trainer"]["step"] == 3
+
+
+def test_mixed_precision_trains_in_bf16_with_fp32_master_weights(tmp_path):
+    # mixed_precision: FSDP2 computes in bf16 (noise, caches, text embeddings in bf16), the sharded
+    # master weights, optimizer state and checkpoints stay fp32.
+    train("configs/tiny_dmd.yaml", tmp_path, ["mixed_precision=true", *FAST, "sample_every=3"])
+    ckpt = load_checkpoint(tmp_path, 3)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights(ckpt).values())
+    assert all(math.isfinite(r["critic_loss"]) for r in metrics(tmp_path))
+    assert (tmp_path / "samples" / "sample0_step00000003.mp4").exists()
