@@ -31,7 +31,7 @@ from pipeline import CausalInferencePipeline
 from utils.checkpoint import read_run_model
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
-from utils.distributed import barrier, cleanup, init_distributed
+from utils.distributed import barrier, distributed_session
 from utils.logging import setup_logging, video_to_uint8
 from wan.toy import toy_dit_state_dict
 from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
@@ -92,10 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    info = init_distributed()
-    setup_logging(info.rank)
-    ok = False
-    try:
+    with distributed_session() as info:
+        setup_logging(info.rank)
         out_dir = Path(args.output_folder)
         if info.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +189,6 @@ def main(argv: list[str] | None = None) -> int:
                 summary["median_fps"],
             )
         barrier()
-        ok = True
-    finally:
-        cleanup(synchronize=ok)
     return 0
 
 

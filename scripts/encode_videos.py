@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from scripts._common import DTYPES, check_output, sum_over_ranks, write_manifest
 from utils.dataset import shard_indices
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, distributed_session
 from utils.lmdb import LMDBWriter, read_done_keys, shard_path
 from utils.logging import setup_logging
 
@@ -320,15 +320,9 @@ def encode(args: argparse.Namespace, info: DistInfo) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
     args = parse_args(argv)
-    info = init_distributed()
-    setup_logging(info.rank)
-    ok = False
-    try:
-        result = encode(args, info)
-        ok = True
-        return result
-    finally:
-        cleanup(synchronize=ok)  # after an error a peer may never reach the barrier
+    with distributed_session() as info:
+        setup_logging(info.rank)
+        return encode(args, info)
 
 
 if __name__ == "__main__":

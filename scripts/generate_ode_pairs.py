@@ -50,7 +50,7 @@ from scripts._common import (
     write_manifest,
 )
 from utils.dataset import TextDataset, shard_indices
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.distributed import DistInfo, barrier, distributed_session
 from utils.lmdb import LMDBWriter, read_done_keys, shard_path
 from utils.logging import setup_logging
 from wan import WanConfig
@@ -217,15 +217,9 @@ def generate(args: argparse.Namespace, info: DistInfo) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    info = init_distributed()
-    setup_logging(info.rank)
-    ok = False
-    try:
-        result = generate(args, info)
-        ok = True
-        return result
-    finally:
-        cleanup(synchronize=ok)  # after an error a peer may never reach the barrier
+    with distributed_session() as info:
+        setup_logging(info.rank)
+        return generate(args, info)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import gc
 import logging
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -131,6 +132,19 @@ def cleanup(synchronize: bool = True) -> None:
         if synchronize and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_session(timeout_s: float = 1800.0) -> Iterator[DistInfo]:
+    """`init_distributed()` for the body of a job; the group is destroyed on the way out, meeting at
+    the exit barrier only after success (after an error a peer may never reach it)."""
+    info = init_distributed(timeout_s)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        cleanup(synchronize=ok)
 
 
 def is_main_process() -> bool:
