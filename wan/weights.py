@@ -80,37 +80,48 @@ def _rename(key: str, table: Mapping[str, str]) -> str | None:
     return None
 
 
-def official_to_diffusers_key(key: str) -> str:
-    if key == "head.modulation":
-        return "scale_shift_table"
+# One naming direction is the other's inverse: (head modulation, block modulation, top table, block table).
+_TO_DIFFUSERS = (
+    "head.modulation",
+    "scale_shift_table",
+    "modulation",
+    "scale_shift_table",
+    _TOP_LEVEL,
+    _IN_BLOCK,
+)
+_TO_OFFICIAL = (
+    "scale_shift_table",
+    "head.modulation",
+    "scale_shift_table",
+    "modulation",
+    {v: k for k, v in _TOP_LEVEL.items()},
+    {v: k for k, v in _IN_BLOCK.items()},
+)
+
+
+def _convert_key(key: str, rules: tuple, target: str) -> str:
+    head_src, head_dst, mod_src, mod_dst, top, in_block = rules
+    if key == head_src:
+        return head_dst
     m = re.match(r"blocks\.(\d+)\.(.+)$", key)
     if m:
         i, rest = m.groups()
-        if rest == "modulation":
-            return f"blocks.{i}.scale_shift_table"
-        new = _rename(rest, _IN_BLOCK)
+        if rest == mod_src:
+            return f"blocks.{i}.{mod_dst}"
+        new = _rename(rest, in_block)
         return f"blocks.{i}.{new if new is not None else rest}"
-    new = _rename(key, _TOP_LEVEL)
+    new = _rename(key, top)
     if new is None:
-        raise KeyError(f"no diffusers name for official Wan key {key!r}")
+        raise KeyError(f"no {target} name for Wan key {key!r}")
     return new
+
+
+def official_to_diffusers_key(key: str) -> str:
+    return _convert_key(key, _TO_DIFFUSERS, "diffusers")
 
 
 def diffusers_to_official_key(key: str) -> str:
-    if key == "scale_shift_table":
-        return "head.modulation"
-    m = re.match(r"blocks\.(\d+)\.(.+)$", key)
-    if m:
-        i, rest = m.groups()
-        if rest == "scale_shift_table":
-            return f"blocks.{i}.modulation"
-        inverse = {v: k for k, v in _IN_BLOCK.items()}
-        new = _rename(rest, inverse)
-        return f"blocks.{i}.{new if new is not None else rest}"
-    new = _rename(key, {v: k for k, v in _TOP_LEVEL.items()})
-    if new is None:
-        raise KeyError(f"no official Wan name for diffusers key {key!r}")
-    return new
+    return _convert_key(key, _TO_OFFICIAL, "official")
 
 
 def official_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
