@@ -1,0 +1,379 @@
+"""Exact evaluation of shapes-world videos from their pixels.
+
+Every clip of the world is a pure function of its attributes (`world.render`), so a generated video
+can be judged exactly: which colour, shape, direction and speed its object has, whether it is one
+coherent object throughout, how far it is from the nearest real clip of its prompt, and which
+background shades a prompt's samples cover compared with the data (uniform over the 3 shades).
+
+Decoding is written for imperfect samples (blurred edges, stray pixels, a drifting object), so every
+decision is a nearest-neighbour or best-fit choice against the world's own definitions, with
+thresholds derived from the palette and the motion rules rather than tuned numbers.
+
+Layout: videos `[N, F, 3, H, W]`, pixels in [-1, 1] (the VAE convention, as `render()` returns).
+Long rollouts are judged per `segment_frames`-long segment against the world's clip rendered at the
+full length: the world continues exactly past the training length (bounces included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from world.render import (
+    COLOURS,
+    DIRECTIONS,
+    SHADES,
+    SHAPES,
+    SIZE,
+    SPEEDS,
+    Prompt,
+    clips_of,
+    object_mask,
+    render,
+    trajectory,
+)
+
+# Palette in pixel units ([-1, 1]): object colours [4, 3] and background greys [3, 3].
+_COLOUR_NAMES = tuple(COLOURS)
+_PALETTE = torch.tensor([COLOURS[c] for c in _COLOUR_NAMES]) * 2.0 - 1.0
+_BACKGROUNDS = torch.tensor(SHADES).view(-1, 1).expand(-1, 3) * 2.0 - 1.0
+
+# A pixel belongs to the object when it is farther from its frame's background colour than half the
+# smallest object-to-background distance of the palette: a pure object pixel is at least that full
+# distance away, a pure background pixel at 0, so the midpoint tolerates equal error on either side.
+OBJECT_THRESHOLD = 0.5 * float(torch.cdist(_PALETTE, _BACKGROUNDS).min())
+
+# Footprint sizes of the world's objects (square 25 px, circle 21 px). A component counts as an
+# object when its size is within SIZE_TOLERANCE of one of them: half the square-circle gap, so one
+# blurred edge pixel more or less is forgiven but a merged pair or a fragment is not.
+FOOTPRINT_SIZES = tuple(int(object_mask(s, SIZE // 2, SIZE // 2).sum()) for s in SHAPES)
+SIZE_TOLERANCE = (max(FOOTPRINT_SIZES) - min(FOOTPRINT_SIZES)) // 2
+
+# An object never moves more than the fastest speed between frames (a bounce only shortens the
+# step); one extra pixel absorbs centroid jitter of imperfect footprints. Larger jumps = teleports.
+MAX_JUMP = max(SPEEDS.values()) + 1
+
+# A (direction, speed) hypothesis explains the motion only if the decoded centres lie within one
+# pixel of its trajectory on average, i.e. within one frame of slow motion. Otherwise the motion is
+# decoded as None (e.g. an object that stops has neither a direction nor a speed).
+FIT_TOLERANCE = 1.0
+
+PRECISION_RMSE = 0.1  # a sample is "precise" when its nearest real clip is closer than this (RMSE)
+
+_HYPOTHESES = tuple((d, s) for d in DIRECTIONS for s in SPEEDS)
+
+SUMMARY_KEYS = (
+    "colour",
+    "shape",
+    "direction",
+    "speed",
+    "all_attributes",
+    "coherence",
+    "precision",
+    "rmse",
+    "shades_hit",
+    "all_shades_hit",
+    "shade_tv",
+    "shade_counts",
+)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """What one video (or one segment of it) shows, and how it compares with its prompt."""
+
+    prompt: Prompt
+    colour: str | None  # None: no object pixels at all
+    shape: str | None
+    direction: str | None  # None: no hypothesis fits within FIT_TOLERANCE
+    speed: str | None
+    shade: int  # majority decoded background shade (index into SHADES)
+    fit_error: float  # mean distance (px) of the centres from the best hypothesis' trajectory
+    colour_correct: bool
+    shape_correct: bool
+    direction_correct: bool
+    speed_correct: bool
+    all_attributes: bool
+    coherent: bool
+    nearest_shade: int  # the nearest real clip: index into clips_of(prompt), i.e. into SHADES
+    rmse: float  # RMSE (pixels in [-1, 1]) to that clip
+    precise: bool
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Per-frame decodings of a batch, from which any window of frames is judged."""
+
+    shade: Tensor  # [N, F] nearest SHADES index of the frame's median colour
+    components: Tensor  # [N, F] number of connected components of object pixels
+    size: Tensor  # [N, F] pixels in the largest component (the object); 0 when there is none
+    centre: Tensor  # [N, F, 2] (y, x) centroid of the object; NaN when there is none
+    colour_sum: Tensor  # [N, F, 3] sum of the object's pixel colours
+    overlap: Tensor  # [N, F, len(SHAPES)] IoU of the object with each shape's footprint at its centre
+    fit: Tensor  # [N, len(_HYPOTHESES), F] distance of the centre from each hypothesis' position
+    mse: Tensor  # [N, len(SHADES), F] mean squared pixel error to each real clip of the prompt
+
+
+def _summary_value(results: Sequence[SampleResult], name: str) -> float:
+    return sum(float(getattr(r, name)) for r in results) / len(results)
+
+
+def summarise(results: Sequence[SampleResult]) -> dict[str, float | list[int]]:
+    """Means over samples, plus shade coverage per prompt (from each sample's nearest real clip)."""
+    if not results:
+        raise ValueError("summarise: no samples to summarise")
+    by_prompt: dict[Prompt, list[int]] = {}
+    for r in results:
+        by_prompt.setdefault(r.prompt, []).append(r.nearest_shade)
+    num_shades = len(SHADES)
+    hit, tv = [], []
+    for shades in by_prompt.values():
+        freq = torch.bincount(torch.tensor(shades), minlength=num_shades).double() / len(shades)
+        hit.append(float((freq > 0).double().mean()))
+        # Total variation distance to the data's shade distribution, uniform over the shades.
+        tv.append(0.5 * float((freq - 1.0 / num_shades).abs().sum()))
+    counts = torch.bincount(torch.tensor([r.nearest_shade for r in results]), minlength=num_shades)
+    return {
+        "colour": _summary_value(results, "colour_correct"),
+        "shape": _summary_value(results, "shape_correct"),
+        "direction": _summary_value(results, "direction_correct"),
+        "speed": _summary_value(results, "speed_correct"),
+        "all_attributes": _summary_value(results, "all_attributes"),
+        "coherence": _summary_value(results, "coherent"),
+        "precision": _summary_value(results, "precise"),
+        "rmse": _summary_value(results, "rmse"),
+        "shades_hit": sum(hit) / len(hit),
+        "all_shades_hit": sum(h == 1.0 for h in hit) / len(hit),
+        "shade_tv": sum(tv) / len(tv),
+        "shade_counts": [int(c) for c in counts],
+    }
+
+
+@dataclass
+class Evaluation:
+    """Per-sample results over the whole videos; segments are judged on demand."""
+
+    samples: list[SampleResult]
+    segment_frames: int
+    _frames: _Frames = field(repr=False)
+    _prompts: list[Prompt] = field(repr=False)
+
+    @property
+    def num_frames(self) -> int:
+        return self._frames.shade.shape[1]
+
+    def summary(self) -> dict[str, float | list[int]]:
+        return summarise(self.samples)
+
+    def segments(self) -> list[list[SampleResult]]:
+        """Per-sample results of each `segment_frames`-long segment, judged against frames
+        [k*S, (k+1)*S) of the world's clip rendered at the videos' full length."""
+        s, total = self.segment_frames, self.num_frames
+        if total % s:
+            raise ValueError(f"per_segment: {total} frames do not split into segments of {s} frames")
+        return [_judge(self._frames, self._prompts, k * s, (k + 1) * s) for k in range(total // s)]
+
+    def per_segment(self) -> list[dict[str, float | list[int]]]:
+        return [summarise(segment) for segment in self.segments()]
+
+
+def format_table(
+    rows: Mapping[str, Mapping[str, float | list[int]]], columns: Sequence[str] = SUMMARY_KEYS
+) -> str:
+    """Summaries (one row per name, e.g. a method or a segment) as a markdown table."""
+
+    def cell(value: float | list[int]) -> str:
+        return "/".join(str(v) for v in value) if isinstance(value, list) else f"{value:.3f}"
+
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(row[c]) for c in columns) + " |" for name, row in rows.items()]
+    return "\n".join(lines)
+
+
+def evaluate(videos: Tensor, prompts: Sequence[Prompt | str], segment_frames: int = 12) -> Evaluation:
+    """Judge generated videos `[N, F, 3, H, W]` (pixels in [-1, 1]); `prompts[i]` is what video i
+    was asked for (a Prompt or its text)."""
+    prompts = [Prompt.parse(p) if isinstance(p, str) else p for p in prompts]
+    _check_inputs(videos, prompts, segment_frames)
+    videos = videos.detach().to("cpu", torch.float32)
+    frames = _decode_frames(videos, prompts)
+    samples = _judge(frames, prompts, 0, videos.shape[1])
+    return Evaluation(samples, segment_frames, frames, prompts)
+
+
+def _check_inputs(videos: Tensor, prompts: list[Prompt], segment_frames: int) -> None:
+    if not isinstance(videos, Tensor) or videos.dim() != 5 or tuple(videos.shape[2:]) != (3, SIZE, SIZE):
+        shape = tuple(videos.shape) if isinstance(videos, Tensor) else type(videos).__name__
+        raise ValueError(f"evaluate: videos must be [N, F, 3, {SIZE}, {SIZE}], got {shape}")
+    if videos.shape[0] == 0 or videos.shape[1] == 0:
+        raise ValueError(f"evaluate: videos {tuple(videos.shape)} hold no frames")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"evaluate: {videos.shape[0]} videos but {len(prompts)} prompts")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, Prompt)]
+    if bad:
+        raise ValueError(f"evaluate: prompts[{bad[0]}] is a {type(prompts[bad[0]]).__name__}, not a Prompt")
+    if not torch.isfinite(videos).all():
+        raise ValueError("evaluate: videos contain NaN or infinite pixels")
+    if segment_frames < 1:
+        raise ValueError(f"evaluate: segment_frames must be >= 1, got {segment_frames}")
+
+
+@lru_cache(maxsize=1)
+def _footprints() -> Tensor:
+    """`[len(SHAPES), H, W, H, W]` bool: the footprint of each shape centred on each pixel."""
+    return torch.stack(
+        [
+            torch.stack([torch.stack([object_mask(s, y, x) for x in range(SIZE)]) for y in range(SIZE)])
+            for s in SHAPES
+        ]
+    )
+
+
+@lru_cache(maxsize=8)
+def _hypothesis_centres(num_frames: int) -> Tensor:
+    """`[len(_HYPOTHESES), F, 2]` centre (y, x) of the object under each (direction, speed)."""
+    any_look = (_COLOUR_NAMES[0], SHAPES[0])  # the trajectory depends on motion only
+    return torch.tensor(
+        [trajectory(Prompt(*any_look, d, s), num_frames) for d, s in _HYPOTHESES], dtype=torch.float32
+    )
+
+
+@lru_cache(maxsize=512)
+def _real_clips(prompt: Prompt, num_frames: int) -> Tensor:
+    """`[len(SHADES), F, 3, H, W]` the prompt's clips (cached: rendering is the slow part; not mutated)."""
+    return torch.stack([render(c, num_frames) for c in clips_of(prompt)])
+
+
+def _connected_components(mask: Tensor) -> Tensor:
+    """Label `[M, H, W]` boolean masks with 8-connected components (0 = not in the mask).
+
+    Every masked pixel starts with its own id and repeatedly takes the largest id in its 3x3
+    neighbourhood inside the mask, so each component converges to its largest id. 8-connectivity:
+    pixels touching at a corner read as one blob, so a soft diagonal edge does not split an object.
+    """
+    m, h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(m, h, w)
+    labels = torch.where(mask, ids, 0.0)
+    for _ in range(h * w):  # a path through a component is at most h*w pixels long
+        grown = torch.where(mask, F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0], 0.0)
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    return labels.long()
+
+
+def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
+    n, f = videos.shape[:2]
+    pixels = videos.flatten(0, 1)  # [M, 3, H, W], M = N * F
+
+    # 1. Background: the object covers at most 25 of 256 pixels, so the per-channel median is the
+    #    background colour even when the object or stray pixels are off; its nearest grey is the shade.
+    background = pixels.flatten(2).median(-1).values  # [M, 3]
+    shade = torch.cdist(background, _BACKGROUNDS).argmin(-1)
+
+    # 2. Object pixels: far from this frame's own background colour (not the ideal grey, so a
+    #    slightly off background does not turn into object pixels). The object is the largest
+    #    component; the others only count towards coherence.
+    far = (pixels - background[:, :, None, None]).norm(dim=1) > OBJECT_THRESHOLD  # [M, H, W]
+    labels = _connected_components(far)
+    counts = torch.zeros(labels.shape[0], SIZE * SIZE + 1, dtype=torch.long)
+    counts.scatter_add_(1, labels.flatten(1), torch.ones_like(labels.flatten(1)))
+    counts[:, 0] = 0
+    components = (counts > 0).sum(1)
+    size, main_label = counts.max(1)
+    main = (labels == main_label[:, None, None]) & (size > 0)[:, None, None]
+
+    # 3. Centre (centroid: exact for the world's symmetric footprints), colour and shape. The shape
+    #    is the footprint that overlaps the object best at its rounded centre.
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    mass = main.sum((-1, -2)).float()
+    centre = torch.stack([(main * yy).sum((-1, -2)) / mass, (main * xx).sum((-1, -2)) / mass], -1)
+    colour_sum = (pixels * main[:, None]).sum((-1, -2))
+    cy, cx = centre.nan_to_num(0.0).round().long().clamp(0, SIZE - 1).unbind(-1)
+    footprint = _footprints()[:, cy, cx]  # [S, M, H, W]
+    inter = (footprint & main).sum((-1, -2)).float()
+    union = (footprint | main).sum((-1, -2)).float()
+    overlap = (inter / union).T  # [M, S]; 0 without an object (the union is the footprint)
+
+    # 4. Motion evidence: distance of the centre from every hypothesis' trajectory, frame by frame.
+    centre = centre.view(n, f, 2)
+    fit = (centre[:, None] - _hypothesis_centres(f)[None]).norm(dim=-1)  # [N, 8, F]
+
+    # 5. Distance to every real clip of the prompt, per frame, so any window's RMSE is a mean.
+    truth = torch.stack([_real_clips(p, f) for p in prompts])  # [N, S, F, 3, H, W]
+    mse = (videos[:, None] - truth).square().mean((-1, -2, -3))
+
+    return _Frames(
+        shade=shade.view(n, f),
+        components=components.view(n, f),
+        size=size.view(n, f),
+        centre=centre,
+        colour_sum=colour_sum.view(n, f, 3),
+        overlap=overlap.reshape(n, f, len(SHAPES)),
+        fit=fit,
+        mse=mse,
+    )
+
+
+def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> list[SampleResult]:
+    """Results of frames [start, stop) of every video (the truth is the same window of the clip)."""
+    w = slice(start, stop)
+    size = frames.size[:, w]
+    seen = size.sum(1) > 0  # any object pixels in the window
+
+    # Attributes from all frames of the window together: one decision per video.
+    colour_mean = frames.colour_sum[:, w].sum(1) / size.sum(1).clamp(min=1)[:, None]
+    colour = torch.cdist(colour_mean, _PALETTE).argmin(-1)
+    shape = frames.overlap[:, w].sum(1).argmax(-1)
+    fit_error, motion = frames.fit[:, :, w].nanmean(-1).nan_to_num(float("inf")).min(-1)
+    shade = frames.shade[:, w].mode(-1).values
+
+    # Coherence: one object of a world size in every frame, and no teleport between frames.
+    sized = torch.zeros_like(size, dtype=torch.bool)
+    for s in FOOTPRINT_SIZES:
+        sized |= (size - s).abs() <= SIZE_TOLERANCE
+    one_object = (frames.components[:, w] == 1) & sized
+    centre = frames.centre[:, w]
+    jumps = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1)  # NaN next to an empty frame (already incoherent)
+    coherent = one_object.all(1) & (jumps <= MAX_JUMP).all(1)
+
+    rmse, nearest = frames.mse[:, :, w].mean(-1).sqrt().min(-1)
+
+    results = []
+    for i, prompt in enumerate(prompts):
+        has_object, fits = bool(seen[i]), float(fit_error[i]) <= FIT_TOLERANCE
+        decoded_colour = _COLOUR_NAMES[colour[i]] if has_object else None
+        decoded_shape = SHAPES[shape[i]] if has_object else None
+        direction, speed = _HYPOTHESES[motion[i]] if fits else (None, None)
+        correct = (
+            decoded_colour == prompt.colour,
+            decoded_shape == prompt.shape,
+            direction == prompt.direction,
+            speed == prompt.speed,
+        )
+        results.append(
+            SampleResult(
+                prompt=prompt,
+                colour=decoded_colour,
+                shape=decoded_shape,
+                direction=direction,
+                speed=speed,
+                shade=int(shade[i]),
+                fit_error=float(fit_error[i]),
+                colour_correct=correct[0],
+                shape_correct=correct[1],
+                direction_correct=correct[2],
+                speed_correct=correct[3],
+                all_attributes=all(correct),
+                coherent=bool(coherent[i]),
+                nearest_shade=int(nearest[i]),
+                rmse=float(rmse[i]),
+                precise=float(rmse[i]) < PRECISION_RMSE,
+            )
+        )
+    return results
