@@ -34,10 +34,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from model.build import (
     NEEDS,
+    build_exact_teacher,
     build_objective_from_config,
     build_text_encoder,
     build_vae,
     dit_weights,
+    is_world,
     make_dit,
 )
 from utils.checkpoint import Checkpointer, ModelState, OptimizerState
@@ -216,6 +218,8 @@ class Trainer:
         like the DiTs (one unit per umT5 block), optionally with its parameters kept on the CPU."""
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
+        if is_world(cfg):  # a fixed seeded table: every rank builds the same one, nothing to shard
+            return build_text_encoder(cfg, self.device, dtype)
         with torch.device("meta"):
             encoder = build_text_encoder(cfg, torch.device("meta"), dtype, structure_only=True)
         full_sd = None
@@ -234,6 +238,8 @@ class Trainer:
 
     def _build_dit(self, role: str, trainable: bool, gan_head: bool = False) -> WanDiffusionWrapper:
         cfg = self.cfg
+        if role == "real_score" and cfg.real_score_model == "world-exact":
+            return build_exact_teacher(cfg, self.device)  # closed form: no weights, nothing to shard
 
         def structure() -> WanDiffusionWrapper:
             wrapper = make_dit(cfg, role)

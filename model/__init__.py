@@ -1,6 +1,6 @@
 """Training objectives behind one interface (`model.base.Objective`), and `build_objective`.
 
-Names: `dmd`, `sid`, `gan`, `ode`, `diffusion`, `causvid` (the values of the config's `trainer` key).
+Names: `dmd`, `sid`, `gan`, `ode`, `diffusion`, `causvid`, `teacher_regression` (the values of the config's `trainer` key).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from .dmd import DMD
 from .gan import GAN
 from .ode_regression import ODERegression
 from .sid import SiD
+from .teacher_regression import TeacherRegression
 
 __all__ = [
     "DMD",
@@ -25,6 +26,7 @@ __all__ = [
     "ScoreTimestepSampler",
     "SelfForcingGenerator",
     "SiD",
+    "TeacherRegression",
     "build_objective",
 ]
 
@@ -35,6 +37,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "ode": ODERegression,
     "diffusion": CausalDiffusion,
     "causvid": CausVid,
+    "teacher_regression": TeacherRegression,
 }
 
 

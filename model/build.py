@@ -27,8 +27,24 @@ logger = logging.getLogger(__name__)
 ROLES = ("generator", "real_score", "fake_score")
 
 
+WORLD_EXACT = "world-exact"  # real_score_model: the shapes world's exact teacher (world.teacher)
+
+
 def wan_config(cfg: TrainConfig, role: str) -> WanConfig:
-    return WanConfig.preset(getattr(cfg, f"{role}_model"))
+    preset = getattr(cfg, f"{role}_model")
+    return WanConfig.preset("world" if preset == WORLD_EXACT else preset)
+
+
+def is_world(cfg: TrainConfig) -> bool:
+    """The run lives in the shapes world (world/): its codec, text encoder and exact teacher."""
+    return cfg.generator_model == "world"
+
+
+def build_exact_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The shapes world's exact teacher (no weights: a closed-form posterior mean)."""
+    from world.teacher import ExactTeacher
+
+    return ExactTeacher(build_text_encoder(cfg, device)).to(device).eval()
 
 
 def make_dit(cfg: TrainConfig, role: str) -> WanDiffusionWrapper:
@@ -70,9 +86,13 @@ def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:
         logger.info("loading %s weights from %s", role, path)
         return read_dit_weights(Path(path), key=key)
     preset = getattr(cfg, f"{role}_model")
+    if preset == "world":  # trained from scratch: the network's own (seeded) initialisation
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(cfg.seed)
+            return WanModel(wan_config(cfg, role)).state_dict()
     if preset != "tiny":
         raise ConfigError(
-            f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny')"
+            f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny' and 'world')"
         )
     return toy_dit_state_dict(wan_config(cfg, role))
 
@@ -87,6 +107,10 @@ def build_text_encoder(
     """
     gcfg = wan_config(cfg, "generator")
     path = cfg.text_encoder_path
+    if path is None and is_world(cfg):
+        from world.text import WorldTextEncoder
+
+        return WorldTextEncoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len).to(device)
     if path is None:
         if cfg.generator_model != "tiny":
             raise ConfigError("text_encoder_path is required unless generator_model is 'tiny'")
@@ -115,6 +139,10 @@ def build_text_encoder(
 def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> WanVAE:
     """Wan VAE from `vae_path` (diffusers folder with `vae/`, or the original `Wan2.1_VAE.pth`)."""
     path = cfg.vae_path
+    if path is None and is_world(cfg):
+        from world.codec import WorldCodec
+
+        return WorldCodec().to(device)
     if path is None:
         if cfg.generator_model != "tiny":
             raise ConfigError("vae_path is required unless generator_model is 'tiny'")
@@ -136,6 +164,7 @@ NEEDS = {
     "gan": (False, True),
     "ode": (False, False),
     "diffusion": (False, False),
+    "teacher_regression": (True, False),
 }
 
 
@@ -262,5 +291,14 @@ def build_objective_from_config(
             independent_first_frame=cfg.independent_first_frame,
             teacher_forcing=cfg.teacher_forcing,
             noise_augmentation_max_timestep=cfg.noise_augmentation_max_timestep,
+        )
+    if name == "teacher_regression":
+        return build_objective(
+            "teacher_regression",
+            generator,
+            real_score,
+            scheduler,
+            num_frame_per_block=cfg.num_frame_per_block,
+            independent_first_frame=cfg.independent_first_frame,
         )
     raise ConfigError(f"unknown trainer {name!r}")

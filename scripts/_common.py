@@ -64,7 +64,8 @@ def add_teacher_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="DiT weights: an official/diffusers safetensors file or folder, or a .pt state dict. May be "
         "omitted only with --model tiny, which then uses random weights drawn from --seed (CPU demos, tests); "
-        "'toy' = the toy world's teacher (the same weights train.py gives the tiny preset)",
+        "'toy' = the toy world's teacher (the same weights train.py gives the tiny preset); "
+        "'exact' = the shapes world's exact teacher (with --model world)",
     )
     group.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="teacher dtype (upstream: float32)"
@@ -87,6 +88,16 @@ def build_teacher(
     model: str, weights: str | None, seed: int, device: torch.device, dtype: torch.dtype
 ) -> WanDiffusionWrapper:
     """The frozen bidirectional teacher as a `WanDiffusionWrapper` in eval mode on ``device``."""
+    if weights == "exact":  # the shapes world's closed-form teacher (world/teacher.py)
+        if model != "world":
+            raise ValueError(
+                f"--weights exact is the shapes world's teacher; it needs --model world, not {model}"
+            )
+        from world.teacher import ExactTeacher
+        from world.text import WorldTextEncoder
+
+        cfg = WanConfig.preset(model)
+        return ExactTeacher(WorldTextEncoder(cfg.text_dim, cfg.text_len)).to(device).eval()
     cfg = WanConfig.preset(model)
     if weights is None and cfg != WanConfig.preset("tiny"):
         raise ValueError(f"--weights is required for --model {model} (random weights only for --model tiny)")
@@ -119,7 +130,8 @@ def add_text_encoder_args(parser: argparse.ArgumentParser) -> None:
         "--text_encoder",
         default=None,
         help="a diffusers-format Wan folder (text_encoder/ + tokenizer/), Wan's original "
-        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer), or 'toy' (the toy world's tiny umT5)",
+        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer), 'toy' (the toy world's tiny umT5) "
+        "or 'world' (the shapes world's word embeddings)",
     )
     group.add_argument(
         "--tokenizer", default=None, help="umT5 tokenizer folder, for an original .pth encoder"
@@ -155,6 +167,11 @@ def build_prompt_encoder(args: argparse.Namespace, cfg: WanConfig, device: torch
 
     from wan.text_encoder import WanTextEncoder  # transformers is heavy; only load it when used
 
+    if args.text_encoder == "world":  # the shapes world's fixed word embeddings, identical to train.py's
+        from world.text import WorldTextEncoder
+
+        world = WorldTextEncoder(cfg.text_dim, cfg.text_len).to(device)
+        return lambda prompts: world(prompts)["prompt_embeds"]
     if args.text_encoder == "toy":  # the toy world's seeded tiny umT5, identical to train.py's
         from wan.toy import toy_text_encoder
 

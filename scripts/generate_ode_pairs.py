@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (prompt i uses (seed, i))")
     parser.add_argument("--batch_size", type=int, default=1, help="prompts per sampler call")
+    parser.add_argument(
+        "--samples_per_prompt",
+        type=int,
+        default=1,
+        help="rows per prompt (different noise); row k of prompt i is keyed '<prompt>#k' when > 1",
+    )
     sampler = parser.add_argument_group("sampler")
     sampler.add_argument("--solver", choices=("euler", "unipc"), default="euler")
     sampler.add_argument("--num_steps", type=int, default=48)
@@ -97,7 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.hashed_text_embeddings == (args.text_encoder is not None):
         parser.error("pass exactly one of --text_encoder PATH and --hashed_text_embeddings")
-    for name in ("batch_size", "num_steps", "latent_frames", "latent_height", "latent_width"):
+    for name in (
+        "batch_size",
+        "num_steps",
+        "latent_frames",
+        "latent_height",
+        "latent_width",
+        "samples_per_prompt",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
@@ -162,6 +175,9 @@ def generate(args: argparse.Namespace, info: DistInfo) -> int:
         "keep_indices": keep,
         "row_shape": list(row_shape),
     }
+    per_prompt = args.samples_per_prompt
+    if per_prompt > 1:  # absent when 1, so outputs of earlier versions still resume
+        settings["samples_per_prompt"] = per_prompt
     out = Path(args.out)
     fresh = check_output(out, settings, args.append)
     done = read_done_keys(out)
@@ -170,11 +186,17 @@ def generate(args: argparse.Namespace, info: DistInfo) -> int:
     if fresh and info.rank == 0:
         write_manifest(out, settings)
 
-    mine = shard_indices(len(prompts), info.rank, info.world_size)
-    todo = [i for i in mine if prompts[i] not in done]
+    # One unit of work per (prompt, sample): its key, and the noise index that seeds it.
+    units = [
+        (prompts[i] if per_prompt == 1 else f"{prompts[i]}#{k}", i, prompt_ids[i] * per_prompt + k)
+        for i in range(len(prompts))
+        for k in range(per_prompt)
+    ]
+    mine = shard_indices(len(units), info.rank, info.world_size)
+    todo = [units[u] for u in mine if units[u][0] not in done]
     logger.info(
         "%d prompts (%d unique), %d already in %s; this rank: %d to generate, rows %s",
-        len(dataset), len(prompts), len(done & set(prompts)), out, len(todo), row_shape,
+        len(dataset), len(prompts), len(done & {u[0] for u in units}), out, len(todo), row_shape,
     )  # fmt: skip
 
     # 2. models
@@ -195,12 +217,12 @@ def generate(args: argparse.Namespace, info: DistInfo) -> int:
         with LMDBWriter(shard_path(out, info.rank), append=True, row_shape=row_shape) as writer:
             for first in range(0, len(todo), args.batch_size):
                 batch = todo[first : first + args.batch_size]
-                batch_prompts = [prompts[i] for i in batch]
-                noise = torch.stack([prompt_noise(args.seed, prompt_ids[i], latent_shape) for i in batch])
+                batch_prompts = [prompts[i] for _, i, _ in batch]
+                noise = torch.stack([prompt_noise(args.seed, n, latent_shape) for _, _, n in batch])
                 result = sampler.sample(
                     noise.to(info.device), encode(batch_prompts), uncond, record_indices=keep
                 )
-                writer.write_many(batch_prompts, result.trajectory)
+                writer.write_many(batch_prompts, result.trajectory, keys=[key for key, _, _ in batch])
                 written += len(batch)
                 bar.update(len(batch))
         bar.close()

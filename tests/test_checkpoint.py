@@ -244,6 +244,13 @@ def test_export_upstream_pt(world1, tmp_path):
     with pytest.raises(ValueError, match="DTensor"):
         export_upstream_pt(tmp_path / "bad.pt", {f"model.{k}": v for k, v in model.state_dict().items()})
 
+    # A GAN critic's head keys sit beside `model.` (upstream's wrapper layout), only in the critic.
+    head = {"_cls_pred_branch.1.weight": torch.ones(2), "_register_tokens.register_tokens": torch.ones(1)}
+    gan = torch.load(export_upstream_pt(tmp_path / "gan.pt", full_sd, critic_sd={**full_sd, **head}))
+    assert torch.equal(gan["critic"]["_cls_pred_branch.1.weight"], torch.ones(2))
+    with pytest.raises(ValueError, match="'_cls_pred_branch.1.weight' lacks"):
+        export_upstream_pt(tmp_path / "bad.pt", {**full_sd, **head})
+
 
 def test_load_refuses_incomplete_directory(world1, tmp_path):
     model, optim = build(world1, seed=0)

@@ -330,6 +330,11 @@ def gather_full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+# A GAN critic's discriminator head sits beside the DiT on the wrapper, as in upstream's
+# `WanDiffusionWrapper.adding_cls_branch` (spec §1.10), so its keys carry no `model.` prefix.
+GAN_HEAD_PREFIXES = ("_register_tokens.", "_gan_ca_blocks.", "_cls_pred_branch.")
+
+
 def export_upstream_pt(
     path: str | Path,
     generator_sd: Mapping[str, torch.Tensor],
@@ -348,7 +353,9 @@ def export_upstream_pt(
             continue
         out = {}
         for key, tensor in sd.items():
-            if not key.startswith(UPSTREAM_PREFIX):
+            if not key.startswith(UPSTREAM_PREFIX) and not (
+                name == "critic" and key.startswith(GAN_HEAD_PREFIXES)
+            ):
                 raise ValueError(
                     f"{name} key {key!r} lacks the {UPSTREAM_PREFIX!r} prefix of upstream checkpoints"
                 )

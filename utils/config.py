@@ -35,9 +35,10 @@ WAN_NEGATIVE_PROMPT = (
     "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 
-TRAINERS = ("dmd", "sid", "gan", "ode", "diffusion", "causvid")
+TRAINERS = ("dmd", "sid", "gan", "ode", "diffusion", "causvid", "teacher_regression")
 # Must agree with `wan.WanConfig.preset` (utils may not import wan).
-MODEL_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny")
+# "world" is the shapes world's network; "world-exact" (real_score_model only) its exact teacher.
+MODEL_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny", "world", "world-exact")
 SHARDING_STRATEGIES = ("full", "hybrid", "hybrid_full", "hybrid_zero2", "none", "no_shard")
 DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -307,6 +308,11 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{_suggest(str(value), allowed)}")
+    for key in ("generator_model", "fake_score_model"):
+        if getattr(cfg, key) == "world-exact":
+            raise ConfigError(
+                f"{key}='world-exact': the exact teacher has no weights to train; use it as real_score_model"
+            )
     positive = {
         "batch_size": cfg.batch_size,
         "max_steps": cfg.max_steps,

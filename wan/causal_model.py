@@ -139,7 +139,7 @@ class CausalWanModel(WanBackbone):
     # ------------------------------------------------------------------ inference path
     def _forward_inference(self, x, t, context, kv_cache, crossattn_cache, start_frame: int) -> torch.Tensor:
         b, _, f, _, _ = x.shape
-        tokens, grid = self.embed_video(x)
+        tokens, grid = self.embed_video(x, start_frame=start_frame)
         frames = grid[0]
         if kv_cache.tokens_per_frame != grid[1] * grid[2]:
             raise ValueError(

@@ -27,6 +27,17 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
+    # Options for small worlds trained from scratch (the shapes world); the defaults are Wan2.1's, so
+    # official checkpoints load exactly as before.
+    rope_theta: float = 10000.0  # RoPE base; a small base gives short grids distinguishable angles
+    # Learned absolute position embedding added to the patch tokens: `pos_embed_frames` frame rows
+    # (frame f uses row min(f, pos_embed_frames - 1), so any length runs: every frame past the table
+    # shares its last row, which training already saw at every later position) plus one row per token
+    # row and column of a `pos_embed_grid` token grid. 0 / (0, 0): none (Wan2.1 has only RoPE).
+    pos_embed_frames: int = 0
+    pos_embed_grid: tuple[int, int] = (0, 0)
+    qk_norm_init: float = 1.0  # initial q/k RMSNorm weight (sharper attention at start when > 1)
+    zero_init_gates: bool = False  # adaLN-Zero: residual gates start at 0, every block starts as identity
 
     def __post_init__(self) -> None:
         if self.dim % self.num_heads != 0:
@@ -34,6 +45,12 @@ class WanConfig:
         if self.head_dim % 2 != 0:
             raise ValueError(f"WanConfig: head_dim={self.head_dim} must be even for RoPE")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "pos_embed_grid", tuple(int(p) for p in self.pos_embed_grid))
+        if (self.pos_embed_frames > 0) != all(g > 0 for g in self.pos_embed_grid):
+            raise ValueError(
+                f"WanConfig: pos_embed_frames={self.pos_embed_frames} and pos_embed_grid={self.pos_embed_grid} "
+                "must be set together (both > 0) or not at all"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -60,7 +77,7 @@ class WanConfig:
 
     @staticmethod
     def preset(name: str) -> WanConfig:
-        """Return a named preset: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b" or "tiny"."""
+        """Return a named preset: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny" or "world"."""
         key = name.lower().replace("_", "-")
         aliases = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
         key = aliases.get(key, key)
@@ -85,5 +102,25 @@ PRESETS: dict[str, WanConfig] = {
         text_len=16,
         text_dim=32,
         freq_dim=16,
+    ),
+    # The shapes world (world/): 16x16 RGB pixel-unshuffled by 4 -> 48 x 4 x 4 latents, patch 1x1x1
+    # (16 tokens per frame). Wan has only relative (RoPE) positions; this world needs absolute ones
+    # (objects start at the centre and bounce off the walls), hence the learned position embedding.
+    "world": WanConfig(
+        dim=64,
+        ffn_dim=256,
+        num_heads=2,
+        num_layers=2,
+        patch_size=(1, 1, 1),
+        in_dim=48,
+        out_dim=48,
+        text_len=8,
+        text_dim=32,
+        freq_dim=64,
+        rope_theta=10.0,
+        pos_embed_frames=4,
+        pos_embed_grid=(4, 4),
+        qk_norm_init=2.0,
+        zero_init_gates=True,
     ),
 }

@@ -67,7 +67,7 @@ def rope_angles(
     angles = []
     for axis_dim, n, offset in zip(cfg.rope_dims, (frames, height, width), (start_frame, 0, 0), strict=True):
         theta = torch.pow(
-            10000.0, -torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
+            cfg.rope_theta, -torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim
         )
         pos = torch.arange(offset, offset + n, dtype=torch.float64, device=device)
         angles.append(pos[:, None] * theta[None, :])
@@ -220,6 +220,36 @@ class Head(nn.Module):
         return self.head(h.type_as(x))
 
 
+class PositionEmbedding(nn.Module):
+    """Learned absolute position embedding `frame[f] + height[h] + width[w]` (see WanConfig.pos_embed_*).
+
+    Frame rows are clamped: frame f >= pos_embed_frames - 1 uses the last row. Training on clips longer
+    than the table therefore trains the last row at every later position, and a rollout past the
+    training length sees nothing new; relative order comes from RoPE.
+    """
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        gh, gw = cfg.pos_embed_grid
+        self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
+        self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
+        self.width = nn.Parameter(torch.zeros(gw, cfg.dim))
+
+    def forward(self, grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
+        """`[F*H*W, dim]` for a token grid (F, H, W) whose first frame has absolute index `start_frame`."""
+        f, h, w = grid
+        if h != self.height.shape[0] or w != self.width.shape[0]:
+            raise ValueError(
+                f"position embedding was built for a {self.height.shape[0]}x{self.width.shape[0]} token grid, "
+                f"input has {h}x{w}"
+            )
+        rows = torch.arange(start_frame, start_frame + f, device=self.frame.device).clamp(
+            max=self.frame.shape[0] - 1
+        )
+        emb = self.frame[rows][:, None, None] + self.height[None, :, None] + self.width[None, None, :]
+        return emb.reshape(f * h * w, -1)
+
+
 class WanBackbone(nn.Module):
     """Embeddings, blocks and head shared by `WanModel` and `CausalWanModel` (no attention policy here)."""
 
@@ -235,6 +265,7 @@ class WanBackbone(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
+        self.pos_embedding = PositionEmbedding(cfg) if cfg.pos_embed_frames > 0 else None
         self.gradient_checkpointing = False
         self.init_weights()
 
@@ -251,16 +282,38 @@ class WanBackbone(nn.Module):
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        cfg = self.config
+        if self.pos_embedding is not None:
+            for table in self.pos_embedding.parameters():
+                nn.init.normal_(table, std=0.02)
+        for block in self.blocks:
+            for norm in (block.self_attn.norm_q, block.self_attn.norm_k):
+                if isinstance(norm, RMSNorm):
+                    norm.weight.fill_(cfg.qk_norm_init)
+            if cfg.zero_init_gates:  # chunks 2 and 5 of the 6-way modulation are the residual gates
+                block.modulation[:, 2].zero_()
+                block.modulation[:, 5].zero_()
+        if cfg.zero_init_gates:
+            proj = self.time_projection[1]
+            for chunk in (2, 5):
+                proj.weight[chunk * cfg.dim : (chunk + 1) * cfg.dim].zero_()
+                proj.bias[chunk * cfg.dim : (chunk + 1) * cfg.dim].zero_()
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled
 
     # -- pieces used by both models --
-    def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """x `[B, C, F, H, W]` -> tokens `[B, F'*H'*W', dim]` (frame-major) and the grid (F', H', W')."""
+    def embed_video(self, x: torch.Tensor, start_frame: int = 0) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """x `[B, C, F, H, W]` -> tokens `[B, F'*H'*W', dim]` (frame-major) and the grid (F', H', W').
+
+        `start_frame` is the absolute index of x's first token frame (used by the optional learned
+        position embedding; RoPE positions are applied in attention)."""
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = tuple(h.shape[2:])
-        return h.flatten(2).transpose(1, 2).contiguous(), grid  # type: ignore[return-value]
+        tokens = h.flatten(2).transpose(1, 2)
+        if self.pos_embedding is not None:
+            tokens = tokens + self.pos_embedding(grid, start_frame).to(tokens.dtype)
+        return tokens.contiguous(), grid  # type: ignore[return-value]
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """context `[B, L, text_dim]` with L <= text_len, zero-padded to text_len, -> `[B, text_len, dim]`."""
@@ -315,6 +368,7 @@ __all__ = [
     "Head",
     "KVHook",
     "LayerNorm32",
+    "PositionEmbedding",
     "RMSNorm",
     "Rope",
     "WanAttentionBlock",

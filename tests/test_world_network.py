@@ -1,0 +1,97 @@
+"""The world preset's network options (learned absolute positions, RoPE base, adaLN-Zero gates):
+Wan2.1 presets are untouched, the causal paths still agree, and the position rule holds element by element."""
+
+import math
+
+import pytest
+import torch
+
+from wan import CausalWanModel, KVCache, WanConfig, WanModel
+from wan.cache import CrossAttentionCache
+from wan.modules import rope_angles
+
+from .wan_helpers import randomize_
+
+WORLD = WanConfig.preset("world")
+
+
+def test_wan_presets_have_no_world_options():
+    for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny"):
+        cfg = WanConfig.preset(name)
+        assert cfg.pos_embed_frames == 0 and cfg.rope_theta == 10000.0 and not cfg.zero_init_gates
+        assert not any("pos_embedding" in k for k in WanModel(WanConfig.preset("tiny")).state_dict())
+
+
+def test_rope_theta_sets_the_angle_base():
+    cfg = WORLD
+    angles = rope_angles(cfg, 3, 2, 2, start_frame=5, device="cpu")  # [12, head_dim/2]
+    dt = cfg.rope_dims[0]
+    # token (frame 1, row 0, col 0) is index 4; its time angles are (5 + 1) * theta^(-2i/dt)
+    expected = [(5 + 1) * cfg.rope_theta ** (-2 * i / dt) for i in range(dt // 2)]
+    assert torch.allclose(angles[4, : dt // 2], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_position_embedding_rule():
+    model = randomize_(WanModel(WORLD))
+    pe = model.pos_embedding
+    emb = pe((6, 4, 4), start_frame=1)
+    for f in range(6):
+        row = min(f + 1, WORLD.pos_embed_frames - 1)
+        for h in range(4):
+            for w in range(4):
+                want = pe.frame[row] + pe.height[h] + pe.width[w]
+                assert torch.equal(emb[(f * 4 + h) * 4 + w], want)
+    with pytest.raises(ValueError, match="token grid"):
+        pe((1, 2, 4), 0)
+
+
+def test_zero_init_gates_make_every_block_the_identity():
+    model = WanModel(WORLD)  # fresh init, not randomised
+    e0 = model.embed_time(torch.tensor([[300.0], [900.0]]))[1]
+    text = torch.randn(2, WORLD.text_len, WORLD.dim)
+    from wan.modules import Rope
+
+    rope = Rope(rope_angles(WORLD, 4, 4, 4, 0, "cpu"))
+    x = torch.randn(2, 64, WORLD.dim)
+    block = model.blocks[0]
+    # the cross-attention has no gate (spec §1.3): identity up to that residual only
+    with torch.no_grad():
+        cross = block.cross_attn(block.norm3(x), block.cross_attn.text_kv(text))
+        assert torch.allclose(block(x, e0, text, rope), x + cross, atol=1e-6)
+    assert all(
+        float(b.self_attn.norm_q.weight.detach().mean()) == WORLD.qk_norm_init for b in model.blocks
+    ) and math.isclose(WORLD.qk_norm_init, 2.0)
+
+
+@pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
+def test_world_causal_cache_equals_training_path(local, sink):
+    model = randomize_(CausalWanModel(WORLD, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 48, 12, 4, 4, generator=g)
+    t = torch.rand(2, 12, generator=g) * 1000
+    c = torch.randn(2, 6, WORLD.text_dim, generator=g)
+    kv = KVCache.for_model(model, 2, (4, 4), 12)
+    xc = CrossAttentionCache.for_model(model)
+    with torch.no_grad():
+        full = model(x, t, c)
+        blocks = [
+            model(
+                x[:, :, s : s + 3], t[:, s : s + 3], c, kv_cache=kv, crossattn_cache=xc, current_start_frame=s
+            )
+            for s in range(0, 12, 3)
+        ]
+    assert (full - torch.cat(blocks, dim=2)).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())
+
+
+def test_world_rollout_runs_past_the_position_table():
+    model = randomize_(CausalWanModel(WORLD, num_frame_per_block=3, local_attn_size=6, sink_size=3))
+    kv = KVCache.for_model(model, 1, (4, 4), 6)
+    xc = CrossAttentionCache.for_model(model)
+    c = torch.randn(1, 6, WORLD.text_dim)
+    with torch.no_grad():
+        outs = [
+            model(torch.randn(1, 48, 3, 4, 4), torch.full((1, 3), 500.0), c, kv_cache=kv, crossattn_cache=xc,
+                  current_start_frame=s)
+            for s in range(0, 36, 3)
+        ]  # fmt: skip
+    assert all(torch.isfinite(o).all() for o in outs)

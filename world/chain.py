@@ -1,0 +1,375 @@
+"""The whole Self-Forcing recipe on the shapes world, through the project's real entry points.
+
+Stages (each a directory under the run root; a finished stage holds `DONE.json` and is skipped when the
+command runs again, an interrupted one resumes from its last checkpoint):
+
+0. data        prompt files (train / held-out) and the training clips as a clean-latent LMDB
+1. base        bidirectional world network regressing the exact teacher (train.py, teacher_regression)
+2. ode_pairs   exact-teacher ODE trajectories (scripts/generate_ode_pairs.py --weights exact)
+3. ode         ODE-regression initialisation of the causal student (train.py, ode)
+4. sf_dmd      Self-Forcing DMD from the ODE init (train.py, dmd)
+5. baselines   from the same ODE init, the same generator updates: DMD on teacher-forced and on
+               diffusion-forced inputs (causvid), Self-Forcing with SiD and with the GAN loss
+6. eval        every student with the same 4-step autoregressive inference, at the training length and
+               at 3x with a rolling KV window, judged by world.evaluate
+7. report      report.md, plots, sample strips and mp4s
+
+Every training stage is `torchrun ... train.py --config configs/world/<stage>.yaml`, exactly what a GPU
+user runs; the profile only changes step counts and sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "world"
+
+STUDENTS = ("ode", "sf_dmd", "dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan")
+LABELS = {
+    "data": "data (real clips)",
+    "ode": "ODE init",
+    "sf_dmd": "Self-Forcing DMD",
+    "dmd_teacher_forcing": "DMD, teacher forcing",
+    "dmd_diffusion_forcing": "DMD, diffusion forcing (CausVid)",
+    "sf_sid": "Self-Forcing SiD",
+    "sf_gan": "Self-Forcing GAN",
+}
+CONFIG_OF = {
+    "base": "base",
+    "ode": "ode",
+    "sf_dmd": "dmd",
+    "dmd_teacher_forcing": "dmd_teacher_forcing",
+    "dmd_diffusion_forcing": "dmd_diffusion_forcing",
+    "sf_sid": "sid",
+    "sf_gan": "gan",
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Step counts and sizes of one run of the chain."""
+
+    name: str
+    base_steps: int
+    pairs_per_prompt: int
+    ode_steps: int
+    distill_steps: int  # critic steps of every distillation run (generator steps = this / ratio)
+    baselines: tuple[str, ...]
+    eval_samples: int  # samples per evaluated prompt (held-out split) at the training length
+    eval_train_prompts: int  # training prompts evaluated (the same samples per prompt)
+    long_samples: int  # 36-frame rollouts per held-out prompt
+    ode_sampler_steps: int = 48
+    nproc: int = 1
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke", base_steps=20, pairs_per_prompt=1, ode_steps=10, distill_steps=10,
+        baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
+        eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8,
+    ),
+    "quick": Profile(
+        "quick", base_steps=800, pairs_per_prompt=8, ode_steps=500, distill_steps=300,
+        baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing"),
+        eval_samples=12, eval_train_prompts=8, long_samples=4,
+    ),
+    "full": Profile(
+        "full", base_steps=2000, pairs_per_prompt=38, ode_steps=1200, distill_steps=1000,
+        baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
+        eval_samples=16, eval_train_prompts=8, long_samples=6,
+    ),
+}  # fmt: skip
+
+TRAIN_FRAMES = 12
+LONG_FRAMES = 36
+# Long rollouts: a rolling KV window of 12 frames whose first block (3 frames) is a sink.
+LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(nproc: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+class Chain:
+    def __init__(self, root: str | os.PathLike, profile: Profile) -> None:
+        self.root = Path(root)
+        self.profile = profile
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "DONE.json").is_file()
+
+    def wall_time(self, stage: str) -> float | None:
+        path = self.stage_dir(stage) / "DONE.json"
+        return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+    def _run_stage(self, stage: str, what: str, fn: Callable[[], None]) -> None:
+        if self.done(stage):
+            _say(f"[{stage}] done already ({self.wall_time(stage):.0f} s), skipped")
+            return
+        _say(f"[{stage}] {what}")
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        (self.stage_dir(stage) / "DONE.json").write_text(json.dumps({"seconds": seconds}))
+        _say(f"[{stage}] finished in {seconds:.0f} s")
+
+    def _subprocess(self, stage: str, cmd: list[str], total_steps: int | None = None) -> None:
+        """Run one job, its output to `<stage>/log.txt`; a progress bar follows its metrics.jsonl."""
+        from tqdm import tqdm
+
+        log = self.stage_dir(stage) / "log.txt"
+        metrics = self.stage_dir(stage) / "metrics.jsonl"
+        with open(log, "a", encoding="utf-8") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(self.profile.nproc), stdout=out, stderr=out)
+            bar = (
+                tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True) if total_steps else None
+            )
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if bar is not None and metrics.is_file():
+                    with open(metrics, encoding="utf-8") as f:
+                        lines = f.read().splitlines()
+                    if lines:
+                        bar.n = min(total_steps, json.loads(lines[-1]).get("step", 0))
+                        bar.refresh()
+            if bar is not None:
+                bar.n = bar.n if proc.returncode else total_steps
+                bar.close()
+        if proc.returncode != 0:
+            tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(True)[-25:])
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); end of {log}:\n{tail}")
+
+    def _torchrun(self, script: str, args: list[str]) -> list[str]:
+        return [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(self.profile.nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO / script), *args,
+        ]  # fmt: skip
+
+    # ------------------------------------------------------------------ stages
+    def data(self) -> None:
+        from .data import write_clip_lmdb, write_prompt_file
+        from .render import split_prompts
+
+        def run() -> None:
+            train, heldout = split_prompts()
+            d = self.stage_dir("data")
+            write_prompt_file(d / "train_prompts.txt", train)
+            write_prompt_file(d / "heldout_prompts.txt", heldout)
+            rows = write_clip_lmdb(d / "clips", train, TRAIN_FRAMES)
+            _say(f"  {len(train)} training prompts ({rows} clips), {len(heldout)} held out")
+
+        self._run_stage("data", "render the world: prompt files and the training clips as an LMDB", run)
+
+    def train(self, stage: str, what: str, overrides: list[str], steps: int) -> None:
+        def run() -> None:
+            run_dir = self.stage_dir(stage)
+            args = [
+                "--config", str(CONFIGS / f"{CONFIG_OF[stage]}.yaml"), "--logdir", str(run_dir),
+                f"max_steps={steps}", f"log_iters={max(1, min(250, steps))}",
+                *overrides, *self.profile.overrides.get(stage, []),
+            ]  # fmt: skip
+            self._subprocess(stage, self._torchrun("train.py", args), total_steps=steps)
+            export = [sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), "--logdir", str(run_dir),
+                      "--output", str(run_dir / "export")]  # fmt: skip
+            self._subprocess(stage, export)
+
+        self._run_stage(stage, what, run)
+
+    def ode_pairs(self) -> None:
+        p = self.profile
+        steps = p.ode_sampler_steps
+        keep = [0, steps // 4, steps // 2, 3 * steps // 4, -1]  # t = 1000, 937.5, 833.3, 625 (shift 5), 0
+
+        def run() -> None:
+            args = [
+                "--prompts", str(self.stage_dir("data") / "train_prompts.txt"), "--out", str(self.stage_dir("ode_pairs")),
+                "--model", "world", "--weights", "exact", "--text_encoder", "world", "--negative_prompt", "",
+                "--guidance_scale", "1", "--shift", "5", "--num_steps", str(steps),
+                "--keep_indices", *map(str, keep), "--samples_per_prompt", str(p.pairs_per_prompt),
+                "--latent_frames", str(TRAIN_FRAMES), "--latent_height", "4", "--latent_width", "4",
+                "--batch_size", "64",
+            ]  # fmt: skip
+            self._subprocess("ode_pairs", self._torchrun("scripts/generate_ode_pairs.py", args))
+
+        self._run_stage(
+            "ode_pairs", f"exact-teacher ODE trajectories ({p.pairs_per_prompt} per training prompt)", run
+        )
+
+    def paths(self) -> dict[str, str]:
+        d = self.stage_dir
+        return {
+            "clips": f"data_path={d('data') / 'clips'}",
+            "prompts": f"data_path={d('data') / 'train_prompts.txt'}",
+            "base": str(d("base") / "export" / "generator"),
+            "ode": str(d("ode") / "export" / "generator"),
+        }
+
+    def run(self) -> None:
+        p = self.profile
+        paths = self.paths()
+        self.data()
+        self.train(
+            "base",
+            "base model: bidirectional network regressing the exact teacher",
+            [paths["clips"]],
+            p.base_steps,
+        )
+        self.ode_pairs()
+        self.train(
+            "ode", "ODE initialisation of the causal student from the base",
+            [f"data_path={self.stage_dir('ode_pairs')}", f"generator_ckpt={paths['base']}"], p.ode_steps,
+        )  # fmt: skip
+        from_ode = [f"generator_ckpt={paths['ode']}", f"fake_score_ckpt={paths['base']}"]
+        self.train(
+            "sf_dmd", "Self-Forcing DMD from the ODE init", [paths["prompts"], *from_ode], p.distill_steps
+        )
+        data_of = {
+            "dmd_teacher_forcing": "clips",
+            "dmd_diffusion_forcing": "clips",
+            "sf_sid": "prompts",
+            "sf_gan": "clips",
+        }
+        for stage in p.baselines:
+            self.train(
+                stage, f"baseline: {LABELS[stage]}", [paths[data_of[stage]], *from_ode], p.distill_steps
+            )
+        self._run_stage(
+            "eval",
+            "evaluate every student (4-step autoregressive inference, 12 and 36 frames)",
+            self.evaluate,
+        )
+        from .report import write_report
+
+        write_report(self)
+        _say(f"[report] {self.root / 'report.md'}")
+
+    # ------------------------------------------------------------------ evaluation
+    def students(self) -> list[str]:
+        return ["ode", "sf_dmd", *self.profile.baselines]
+
+    def eval_prompts(self) -> dict[str, list]:
+        from .render import split_prompts
+
+        train, heldout = split_prompts()
+        return {"heldout": heldout, "train": train[: self.profile.eval_train_prompts]}
+
+    def evaluate(self) -> None:
+        from .evaluate import evaluate
+        from .render import render_prompt
+
+        p = self.profile
+        prompts = self.eval_prompts()
+        results: dict[str, dict] = {}
+        videos_out: dict[str, torch.Tensor] = {}
+        jobs = {
+            "heldout": (prompts["heldout"], p.eval_samples, TRAIN_FRAMES),
+            "train": (prompts["train"], p.eval_samples, TRAIN_FRAMES),
+            "heldout_long": (prompts["heldout"], p.long_samples, LONG_FRAMES),
+        }
+        # The data itself, sampled the way a perfect student would (uniform shades): the reference row.
+        data_rows = {}
+        for split, (plist, n, frames) in jobs.items():
+            clips = torch.stack([render_prompt(q, frames)[i % 3] for q in plist for i in range(n)])
+            asked = [q for q in plist for _ in range(n)]
+            ev = evaluate(clips, asked)
+            data_rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
+        results["data"] = data_rows
+        for student in self.students():
+            rows = {}
+            for split, (plist, n, frames) in jobs.items():
+                asked = [q for q in plist for _ in range(n)]
+                videos = generate(
+                    self.stage_dir(student), CONFIGS / f"{CONFIG_OF[student]}.yaml", asked, frames
+                )
+                ev = evaluate(videos, asked)
+                rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
+                if split == "heldout":
+                    videos_out[student] = videos[::n][:4]  # first sample of the first 4 prompts
+            results[student] = rows
+            _say(
+                f"  {LABELS[student]}: held-out all attributes {rows['heldout']['summary']['all_attributes']:.2f}"
+            )
+        out = self.stage_dir("eval")
+        (out / "metrics.json").write_text(json.dumps(results, indent=1))
+        torch.save(videos_out, out / "samples.pt")
+
+    def machine(self) -> str:
+        return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {self.profile.nproc} process(es)"
+
+
+@torch.no_grad()
+def generate(run_dir: Path, config: Path, prompts: list, num_frames: int, seed: int = 0) -> torch.Tensor:
+    """Pixels `[N, F, 3, 16, 16]` from a trained student with the few-step autoregressive pipeline that
+    `inference.py` uses; sample i uses noise seeded by (seed, i), the same for every student."""
+    from model.build import make_dit, step_list
+    from pipeline import CausalInferencePipeline
+    from utils.checkpoint import read_run_model
+    from utils.config import load_config
+
+    from .codec import WorldCodec
+    from .text import WorldTextEncoder
+
+    overrides = list(LONG_WINDOW) if num_frames > TRAIN_FRAMES else []
+    cfg = load_config(str(config), overrides)
+    wrapper = make_dit(cfg, "generator")
+    wrapper.load_state_dict(read_run_model(run_dir, "generator"))
+    wrapper.eval()
+    codec = WorldCodec()
+    pipe = CausalInferencePipeline(
+        wrapper,
+        wrapper.scheduler,
+        [s for s in step_list(cfg) if s > 0],
+        cfg.num_frame_per_block,
+        context_noise=cfg.context_noise,
+        vae=codec,
+    )
+    text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
+    _, _, c, h, w = cfg.image_or_video_shape
+    noise = torch.stack(
+        [
+            torch.randn(num_frames, c, h, w, generator=torch.Generator().manual_seed(seed * 100003 + i))
+            for i in range(len(prompts))
+        ]
+    )
+    cond = {"prompt_embeds": text([q.text for q in prompts])["prompt_embeds"]}
+    out = []
+    for start in range(0, len(prompts), 64):
+        part = slice(start, start + 64)
+        g = torch.Generator().manual_seed(seed + start)
+        out.append(
+            pipe.inference(noise[part], {"prompt_embeds": cond["prompt_embeds"][part]}, generator=g).videos
+        )
+    return torch.cat(out)
