@@ -1,0 +1,58 @@
+"""The shapes-world chain end to end on the smoke profile: every stage runs through the real entry
+points (torchrun train.py, generate_ode_pairs.py, export_checkpoint.py), the report is written, and
+re-running the command skips the finished stages. Checks the chain and the report, not quality."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from world.chain import CONFIGS, PROFILES, STUDENTS
+
+from .dist_helpers import REPO_ROOT, subprocess_env
+
+
+@pytest.mark.slow
+def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
+    out = tmp_path / "world"
+    cmd = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "world_chain.py"),
+        "--profile",
+        "smoke",
+        "--out",
+        str(out),
+    ]
+    env = subprocess_env()
+    env.pop("OMP_NUM_THREADS", None)  # the chain sets one thread budget per process itself
+    first = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    smoke = PROFILES["smoke"]
+    stages = ["data", "base", "ode_pairs", "ode", "sf_dmd", *smoke.baselines, "eval"]
+    for stage in stages:
+        assert (out / stage / "DONE.json").is_file(), stage
+    for stage in ["base", "ode", "sf_dmd", *smoke.baselines]:
+        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] > 0 and (out / stage / "export" / "generator").is_dir(), stage
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"data", *STUDENTS}
+    # the data row is the world itself: a perfect score (the evaluator is tested on its own)
+    assert metrics["data"]["heldout"]["summary"]["all_attributes"] == 1.0
+    assert len(metrics["sf_dmd"]["heldout_long"]["segments"]) == 3
+    report = (out / "report.md").read_text()
+    for needle in ("## Targets", "Self-Forcing DMD", "CausVid", "figures/losses.png", "figures/segments.png"):
+        assert needle in report
+    assert (out / "figures" / "0_sf_dmd.mp4").stat().st_size > 0
+    # a second run skips everything that is done
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped") == len(stages)
+
+
+def test_world_configs_load():
+    from utils.config import load_config
+
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        cfg = load_config(str(path), [])
+        assert cfg.generator_model == "world", path
