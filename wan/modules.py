@@ -5,6 +5,7 @@ Parameter names match the official Wan2.1 checkpoints exactly (spec §1.7).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -236,6 +237,7 @@ class WanBackbone(nn.Module):
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_offload = False
         self.init_weights()
 
     # -- initialisation (spec §1.6; only matters when training from scratch or in tests) --
@@ -252,8 +254,11 @@ class WanBackbone(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False) -> None:
+        """Recompute each block in backward; with `offload`, the inputs a checkpointed block keeps for
+        backward wait in (pinned) CPU memory instead (DiffSynth's gradient_checkpointing_offload)."""
         self.gradient_checkpointing = enabled
+        self.gradient_checkpointing_offload = enabled and offload
 
     # -- pieces used by both models --
     def embed_video(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -284,7 +289,13 @@ class WanBackbone(nn.Module):
     def run_block(self, i: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         block = self.blocks[i]
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+            offload = (
+                torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda)
+                if self.gradient_checkpointing_offload
+                else contextlib.nullcontext()
+            )
+            with offload:
+                return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
         return block(x, *args, **kwargs)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
