@@ -19,9 +19,9 @@ from utils.config import ConfigError, TrainConfig, lora_roles, lora_targets
 from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan.lora_weights import read_lora
 from wan.text_encoder import umt5_xxl_config
 from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
-from wan.lora_weights import read_lora
 from wan.weights import read_dit_weights
 
 logger = logging.getLogger(__name__)
