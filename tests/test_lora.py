@@ -89,7 +89,7 @@ def ode_run(tmp_path_factory, ode_lmdb) -> Path:
     """LoRA ODE regression, a checkpoint after every step (the generator trajectory), two EMA rates."""
     logdir = tmp_path_factory.mktemp("lora_ode")
     overrides = [*LORA, *BIG_LR, f"data_path={ode_lmdb}", "lora_base_model=generator", "max_steps=4"]
-    overrides.append("sample_every=0")
+    overrides += ["sample_every=0", "mixed_precision=true"]  # bf16 compute, fp32 adapters and EMAs
     overrides += ["log_iters=1", "keep_last_checkpoints=0", "ema_weight=[0.5,0.9]", "ema_start_step=1"]
     train("configs/tiny_ode.yaml", logdir, overrides)
     return logdir
@@ -116,6 +116,27 @@ def test_lora_ode_trains_only_adapters(ode_run):
     ckpt = load_checkpoint(ode_run, 4)
     _assert_base_untouched_and_adapters_trained(ckpt["generator"]["model"])
     _check_optimizer_holds_adapters_only(ckpt, "generator")
+
+
+@pytest.mark.slow
+def test_lora_gan_critic_trains_adapters_and_its_head(tmp_path, ode_lmdb):
+    # LoRA on the discriminator only: its DiT base stays frozen, the new classification head trains
+    # in full beside the adapters, and the generator trains every weight.
+    from wan.gan_head import GAN_HEAD_MODULES
+
+    overrides = [*LORA, *BIG_LR, f"data_path={ode_lmdb}", "lora_base_model=fake_score", "max_steps=2"]
+    overrides += ["log_iters=2", "dfake_gen_update_ratio=1", "sample_every=0", "mixed_precision=true"]
+    train("configs/tiny_gan.yaml", tmp_path, overrides)
+    ckpt = load_checkpoint(tmp_path, 2)
+    critic = ckpt["critic"]["model"]
+    head = {k for k in critic if k.split(".", 1)[0] in GAN_HEAD_MODULES}
+    dit = {k: v for k, v in critic.items() if k not in head}
+    _assert_base_untouched_and_adapters_trained(dit)
+    assert set(ckpt["critic"]["optim"]["state"]) == head | set(_adapters(critic))
+    start = toy_dit_state_dict(TINY)
+    generator = ckpt["generator"]["model"]
+    assert not any(is_lora_key(k) for k in generator)
+    assert any(not torch.equal(generator[f"model.{k}"], v) for k, v in start.items())
 
 
 @pytest.mark.slow
