@@ -482,3 +482,15 @@ def test_activation_offload_gives_identical_gradients(monkeypatch):
     assert grads[True].keys() == grads[False].keys() and grads[True]
     for k, v in grads[False].items():
         assert torch.equal(grads[True][k], v), k
+
+
+def test_trainable_parameter_count_of_lora_matches_r_times_in_plus_out():
+    # scripts/lora_memory.py's arithmetic against the LoRA count written out: every targeted linear
+    # (q, k, v, o of both attentions and the two FFN linears, in every block) adds r (in + out).
+    from scripts.lora_memory import trainable
+
+    dim, ffn, layers, r = TINY.dim, TINY.ffn_dim, TINY.num_layers, 4
+    per_block = 8 * r * (dim + dim) + r * (dim + ffn) + r * (ffn + dim)
+    assert trainable("tiny", r, ("q", "k", "v", "o", "ffn.0", "ffn.2")) == (layers * per_block,) * 2
+    full = sum(p.numel() for p in WanModel(TINY).parameters())
+    assert trainable("tiny", None, ()) == (full, full)
