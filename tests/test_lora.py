@@ -158,6 +158,40 @@ def test_two_ema_rates_each_follow_the_saved_generator_trajectory(ode_run):
     assert not torch.equal(last["ema_0.5"][k], last["ema_0.9"][k])
 
 
+@pytest.mark.slow
+def test_preset_lora_is_merged_into_the_base_and_lora_checkpoint_starts_the_adapters(tmp_path, ode_lmdb):
+    from utils.lora import write_peft_adapter
+    from wan.lora_weights import write_diffusers_lora
+
+    def random_adapters(seed: int, rank: int, alpha: float) -> LoraWeights:
+        model = WanModel(TINY)
+        add_lora(model, LoraSpec(rank=rank, alpha=alpha))
+        g = torch.Generator().manual_seed(seed)
+        _, lora = split_lora_state_dict(model.state_dict())
+        return LoraWeights({k: torch.randn(v.shape, generator=g) * 0.1 for k, v in lora.items()}, alpha, rank)
+
+    preset, start = random_adapters(1, rank=2, alpha=6.0), random_adapters(2, rank=4, alpha=8.0)
+    write_diffusers_lora(preset, tmp_path / "preset")  # diffusers' layout (alpha folded into B)
+    write_peft_adapter(start, tmp_path / "start")
+    overrides = [*LORA, f"data_path={ode_lmdb}", "lora_base_model=generator", "max_steps=1", "log_iters=1"]
+    overrides += ["sample_every=0", "lr=0", f"preset_lora_path={tmp_path / 'preset'}"]
+    overrides += [f"lora_checkpoint={tmp_path / 'start'}"]
+    train("configs/tiny_ode.yaml", tmp_path / "run", overrides)
+    base, lora = split_lora_state_dict(_strip(load_checkpoint(tmp_path / "run", 1)["generator"]["model"]))
+    # base = toy weights + (alpha / r) B A of the preset, written out here in float64
+    for k, w in toy_dit_state_dict(TINY).items():
+        module = k.removesuffix(".weight")
+        if f"{module}.lora_A.weight" in preset.state_dict:
+            a, b = preset.state_dict[f"{module}.lora_A.weight"], preset.state_dict[f"{module}.lora_B.weight"]
+            w = (w.double() + 3.0 * b.double() @ a.double()).float()
+            assert not torch.equal(w, toy_dit_state_dict(TINY)[k])
+        torch.testing.assert_close(base[k], w, rtol=0, atol=1e-6, msg=k)
+    # lr = 0: the adapters are exactly the ones the run started from
+    assert lora.keys() == start.state_dict.keys()
+    for k, v in start.state_dict.items():
+        assert torch.equal(lora[k], v), k
+
+
 def test_bad_target_module_is_one_clear_error_listing_valid_names(tmp_path):
     proc = subprocess.run(
         _cmd(
