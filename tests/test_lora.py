@@ -192,6 +192,7 @@ def test_preset_lora_is_merged_into_the_base_and_lora_checkpoint_starts_the_adap
         assert torch.equal(lora[k], v), k
 
 
+@pytest.mark.slow
 def test_bad_target_module_is_one_clear_error_listing_valid_names(tmp_path):
     proc = subprocess.run(
         _cmd(
