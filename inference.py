@@ -1,7 +1,7 @@
 """Generate videos with a trained causal generator, block by block (streaming VAE decode).
 
     python inference.py --config configs/self_forcing_dmd.yaml --checkpoint checkpoints/self_forcing_dmd.pt \
-        --data_path prompts.txt --output_folder videos/ --use_ema
+        --data_path prompts.txt --output_folder videos/ --use_ema [RATE] [--lora adapters/ --lora_scale 1.0]
     torchrun --nproc_per_node 8 inference.py ...        # every prompt generated exactly once
 
 `--checkpoint` takes one of our run directories (or a checkpoint directory inside one), an exported or
@@ -16,6 +16,7 @@ first-block latency and frames per second, VAE decoding included in every number
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import re
@@ -26,13 +27,24 @@ from pathlib import Path
 
 import torch
 
-from model.build import build_text_encoder, build_vae, make_dit, step_list
+from model.build import build_text_encoder, build_vae, lora_spec, make_dit, step_list
 from pipeline import CausalInferencePipeline
-from utils.checkpoint import read_run_model
+from utils.checkpoint import read_run_model, select_ema_entry
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
 from utils.distributed import barrier, distributed_session
 from utils.logging import setup_logging, video_to_uint8
+from utils.lora import (
+    LoraSpec,
+    LoraWeights,
+    add_lora,
+    has_lora,
+    load_adapters,
+    merge_lora,
+    set_adapter_scale,
+    split_lora_state_dict,
+)
+from wan.lora_weights import read_lora
 from wan.toy import toy_dit_state_dict
 from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
 
@@ -40,17 +52,42 @@ logger = logging.getLogger("inference")
 
 
 def load_generator_weights(
-    cfg: TrainConfig, checkpoint: str | None, use_ema: bool
+    cfg: TrainConfig, checkpoint: str | None, use_ema: bool | float
 ) -> dict[str, torch.Tensor]:
-    """Official-key DiT weights of the generator from any supported checkpoint format."""
+    """Official-key DiT weights of the generator from any supported checkpoint format.
+
+    `use_ema`: False, True (the run's only EMA) or a rate (`--use_ema 0.999`, runs with several).
+    A LoRA run's adapters (`lora_rank`/`lora_alpha` of `cfg`) come back merged into the base."""
     if checkpoint is None:
         if cfg.generator_model != "tiny":
             raise ValueError("--checkpoint is required unless generator_model is 'tiny' (toy weights)")
         return toy_dit_state_dict(make_dit(cfg, "generator").config)
     path = Path(checkpoint)
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "COMPLETE").is_file()):
-        return strip_wrapper_prefixes(read_run_model(path, "ema" if use_ema else "generator"))
-    return read_dit_weights(path, key="generator_ema" if use_ema else "generator")
+        generator = read_run_model(path, "generator")
+        if use_ema is not False:
+            entry = select_ema_entry(path, None if use_ema is True else float(use_ema))
+            ema = read_run_model(path, entry)
+            generator = {**generator, **ema} if has_lora(generator) else ema
+        if not has_lora(generator):
+            return strip_wrapper_prefixes(generator)
+        base, adapters = split_lora_state_dict(strip_wrapper_prefixes(generator))
+        spec = lora_spec(dataclasses.replace(cfg, lora_base_model="generator"), "generator")
+        return merge_lora(base, LoraWeights(adapters, alpha=spec.alpha, rank=spec.rank))
+    return read_dit_weights(path, key="generator_ema" if use_ema is not False else "generator")
+
+
+def apply_lora(generator: torch.nn.Module, path: str, scale: float, merge: bool) -> None:
+    """Apply the adapters at `path` (any format `wan.lora_weights.read_lora` reads) to the DiT, scaled by
+    `scale`: merged into the weights, or as peft layers beside them (the same outputs either way)."""
+    lora = read_lora(path)
+    if merge:
+        generator.load_state_dict(merge_lora(generator.state_dict(), lora, scale))
+        return
+    spec = LoraSpec(rank=lora.rank, alpha=lora.alpha, target_modules=tuple(lora.modules()))
+    add_lora(generator, spec)
+    load_adapters(generator, lora, spec)
+    set_adapter_scale(generator, scale)
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -72,7 +109,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", "--config_path", dest="config", required=True)
     p.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", default=None)
-    p.add_argument("--use_ema", action="store_true", help="use the EMA weights (generator_ema)")
+    p.add_argument(
+        "--use_ema",
+        nargs="?",
+        const=True,
+        default=False,
+        type=float,
+        metavar="RATE",
+        help="use the EMA weights (generator_ema); a rate picks one EMA of a run that keeps several",
+    )
+    p.add_argument("--lora", default=None, help="LoRA adapters to apply (peft folder or LoRA safetensors)")
+    p.add_argument("--lora_scale", type=float, default=1.0, help="multiplier of the adapters' update")
+    p.add_argument(
+        "--lora_unmerged",
+        action="store_true",
+        help="keep the adapters as separate layers instead of merging them (same video)",
+    )
     p.add_argument("--data_path", required=True, help="prompt file, one prompt per line")
     p.add_argument(
         "--extended_prompt_path", default=None, help="aligned file of extended prompts to condition on"
@@ -101,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         # 1. networks: generator (full copy per rank: inference needs no sharding), text encoder, VAE
         generator = make_dit(cfg, "generator")
         load_dit_weights(generator.model, load_generator_weights(cfg, args.checkpoint, args.use_ema))
+        if args.lora is not None:
+            apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
         text_encoder = build_text_encoder(cfg, info.device)
         vae = build_vae(cfg, info.device)

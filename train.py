@@ -34,16 +34,18 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from model.build import (
     NEEDS,
+    add_lora_to_loaded,
     build_exact_teacher,
     build_objective_from_config,
     build_text_encoder,
     build_vae,
     dit_weights,
     is_world,
+    lora_spec,
     make_dit,
 )
 from utils.checkpoint import Checkpointer, ModelState, OptimizerState
-from utils.config import TrainConfig, load_config, resolve_accumulation, save_config
+from utils.config import TrainConfig, ema_rates, load_config, resolve_accumulation, save_config
 from utils.dataset import (
     LatentLMDBDataset,
     ODERegressionLMDBDataset,
@@ -65,8 +67,9 @@ from utils.distributed import (
     set_gradient_sync,
     shard_model,
 )
-from utils.ema import EMA
+from utils.ema import EMA, ema_entry_names
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
+from utils.lora import add_lora, train_adapters_only
 from utils.optim import build_optimizer, build_scheduler, clip_grad_norm
 from wan import WanDiffusionWrapper
 from wan.gan_head import add_gan_head, gan_head_parameter_names
@@ -185,8 +188,9 @@ class Trainer:
                     (0.9, cfg.beta2_critic),
                     cfg.weight_decay,
                 )
-        self.lr_schedulers = {k: build_scheduler(o, cfg.lr_warmup_steps) for k, o in self.optimizers.items()}
-        self.ema = EMA(self.generator) if cfg.ema_weight > 0 else None
+        self.lr_schedulers = {k: self._lr_scheduler(k, o) for k, o in self.optimizers.items()}
+        # One EMA per rate (improved-diffusion keeps several); of the adapters only, for LoRA.
+        self.emas = {rate: EMA(self.generator) for rate in ema_rates(cfg)}
 
         # 5. data
         self._build_data()
@@ -212,6 +216,15 @@ class Trainer:
         # a second Ctrl-C interrupts at once.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+
+    def _lr_scheduler(self, role: str, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Warm-up, then constant or a linear/cosine decay to lr_min (generator) / lr_min_critic."""
+        cfg = self.cfg
+        peak, low = (cfg.lr, cfg.lr_min) if role == "generator" else (cfg.lr_critic, cfg.lr_min_critic)
+        decay_steps = cfg.lr_decay_steps or max(1, cfg.max_steps - cfg.lr_warmup_steps)
+        return build_scheduler(
+            optimizer, cfg.lr_warmup_steps, cfg.lr_schedule, decay_steps, low / peak if peak > 0 else 1.0
+        )
 
     def _build_text_encoder(self):
         """Frozen umT5: structure on meta everywhere, weights read by rank 0 only and broadcast, sharded
@@ -240,6 +253,7 @@ class Trainer:
         cfg = self.cfg
         if role == "real_score" and cfg.real_score_model == "world-exact":
             return build_exact_teacher(cfg, self.device)  # closed form: no weights, nothing to shard
+        lora = lora_spec(cfg, role) if trainable else None
 
         def structure() -> WanDiffusionWrapper:
             wrapper = make_dit(cfg, role)
@@ -254,6 +268,8 @@ class Trainer:
 
         with torch.device("meta"):
             wrapper = structure()
+            if lora is not None:  # adapters live inside the blocks, so FSDP2 shards them with their block
+                add_lora(wrapper.model, lora)
         full_sd = None
         if self.dist.rank == 0:
             # Rank 0 alone reads the weights (64 ranks must not each read 14B weights); the GAN head,
@@ -262,11 +278,15 @@ class Trainer:
                 torch.manual_seed(self.seed)
                 host = structure()
             load_dit_weights(host.model, dit_weights(cfg, role))
+            if lora is not None:  # base weights first (official names), then the adapters around them
+                add_lora_to_loaded(host.model, cfg, lora, seed=_micro_seed(self.seed, 0, f"{role}/lora", 0))
             full_sd = host.state_dict()
             del host
         wrapper.requires_grad_(trainable)
+        if lora is not None:  # the DiT's base weights stay frozen (a GAN head still trains in full)
+            train_adapters_only(wrapper.model)
         if trainable and cfg.gradient_checkpointing:
-            wrapper.model.enable_gradient_checkpointing(True)
+            wrapper.model.enable_gradient_checkpointing(True, offload=cfg.gradient_checkpointing_offload)
         shard_model(
             wrapper,
             self.mesh,
@@ -316,8 +336,8 @@ class Trainer:
         if self.critic is not None:
             state["critic"] = ModelState(self.critic, self.optimizers["critic"])
             state["lr_critic"] = self.lr_schedulers["critic"]
-        if self.ema is not None:
-            state["ema"] = self.ema
+        for rate, name in ema_entry_names(list(self.emas)).items():
+            state[name] = self.emas[rate]
         if self.warmup_optimizer is not None:
             state["critic_warmup_optim"] = OptimizerState(self.critic, self.warmup_optimizer)
         return state
@@ -375,7 +395,11 @@ class Trainer:
                     p.grad = None
         max_norm = cfg.max_grad_norm_generator if role == "generator" else cfg.max_grad_norm_critic
         grad_norm = clip_grad_norm(module, max_norm)
-        out = {f"{role}_loss": float(total_loss), f"{role}_grad_norm": grad_norm}
+        out = {
+            f"{role}_loss": float(total_loss),
+            f"{role}_grad_norm": grad_norm,
+            f"{role}_lr": optimizer.param_groups[0]["lr"],
+        }
         out.update({k: v for k, v in sums.items() if k not in out})
         if not (math.isfinite(float(total_loss)) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -393,8 +417,9 @@ class Trainer:
         if not warming_up:
             self.lr_schedulers[role].step()
         optimizer.zero_grad(set_to_none=True)
-        if role == "generator" and self.ema is not None and self.state.ema_active:
-            self.ema.update(self.generator, cfg.ema_weight)
+        if role == "generator" and self.state.ema_active:
+            for rate, ema in self.emas.items():
+                ema.update(self.generator, rate)
         return out
 
     def train(self) -> None:
@@ -418,8 +443,9 @@ class Trainer:
                 metrics.update(self._optimizer_step("critic"))
             self.state.step += 1
             # Upstream (re)initialises the EMA from the current weights once ema_start_step is reached.
-            if self.ema is not None and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
-                self.ema.copy_from(self.generator)
+            if self.emas and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
+                for ema in self.emas.values():
+                    ema.copy_from(self.generator)
                 self.state.ema_active = True
             metrics["step_time"] = time.perf_counter() - started
             metrics["nan_skips"] = self.state.nan_skips
@@ -491,8 +517,9 @@ class Trainer:
         noise = torch.randn(len(prompts), f, c, h, w, generator=g).to(self.device, self.latent_dtype)
         self.generator.eval()
         try:
-            use_ema = self.ema is not None and self.state.ema_active
-            with self.ema.swap_into(self.generator) if use_ema else contextlib.nullcontext():
+            rate = cfg.sample_ema_weight if cfg.sample_ema_weight is not None else next(iter(self.emas), None)
+            ema = self.emas.get(rate) if self.state.ema_active else None
+            with ema.swap_into(self.generator) if ema is not None else contextlib.nullcontext():
                 out = pipe.inference(noise, cond, generator=g)
         finally:
             self.generator.train()
@@ -505,7 +532,7 @@ class Trainer:
             self.metrics.close()
         # Release everything that holds the device mesh before the process group goes (see
         # utils.distributed.cleanup); the Trainer object itself may outlive this call.
-        for name in ("objective", "generator", "real_score", "critic", "text_encoder", "vae", "ema",
+        for name in ("objective", "generator", "real_score", "critic", "text_encoder", "vae", "emas",
                      "optimizers", "warmup_optimizer", "lr_schedulers", "head_params", "mesh", "checkpointer"):  # fmt: skip
             self.__dict__.pop(name, None)
         cleanup(synchronize=ok)

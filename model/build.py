@@ -15,9 +15,11 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-from utils.config import ConfigError, TrainConfig
+from utils.config import ConfigError, TrainConfig, lora_roles, lora_targets
+from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan.lora_weights import read_lora
 from wan.text_encoder import umt5_xxl_config
 from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
 from wan.weights import read_dit_weights
@@ -95,6 +97,28 @@ def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:
             f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny' and 'world')"
         )
     return toy_dit_state_dict(wan_config(cfg, role))
+
+
+def lora_spec(cfg: TrainConfig, role: str) -> LoraSpec | None:
+    """The adapters `role` trains (`lora_base_model` names it), else None (the role trains every weight)."""
+    if role not in lora_roles(cfg):
+        return None
+    alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha)
+    return LoraSpec(rank=cfg.lora_rank, alpha=alpha, target_modules=lora_targets(cfg))
+
+
+def add_lora_to_loaded(dit: nn.Module, cfg: TrainConfig, spec: LoraSpec, seed: int) -> None:
+    """On the copy that holds the base weights (official names): merge `preset_lora_path` into them,
+    inject fresh adapters (A from `seed`, B = 0), then load `lora_checkpoint` if given."""
+    if cfg.preset_lora_path is not None:
+        logger.info("merging preset LoRA %s into the base weights", cfg.preset_lora_path)
+        dit.load_state_dict(merge_lora(dit.state_dict(), read_lora(cfg.preset_lora_path)))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        add_lora(dit, spec)
+    if cfg.lora_checkpoint is not None:
+        logger.info("starting from the adapters in %s", cfg.lora_checkpoint)
+        load_adapters(dit, read_lora(cfg.lora_checkpoint), spec)
 
 
 def build_text_encoder(

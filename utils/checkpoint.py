@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -395,23 +395,66 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return latest[1]
 
 
+def run_ema_entries(path: str | Path) -> dict[float, str]:
+    """EMA rate -> checkpoint entry (`ema`, or `ema_<rate>` for runs with several rates) of a run.
+
+    The rate of a single `ema` entry comes from the run's `config.yaml` when it is there (else NaN)."""
+    ckpt = resolve_checkpoint_dir(path)
+    metadata = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    # The flattened keys join path parts with "." (as in "ema_0.99.model..."): read the parts instead.
+    paths = metadata.planner_data or {}
+    tops = {paths[k][0] if k in paths else k.split(".", 1)[0] for k in metadata.state_dict_metadata}
+    found: dict[float, str] = {}
+    for top in tops:
+        if top.startswith("ema_"):
+            found[float(top[len("ema_") :])] = top
+    if "ema" in tops:
+        rate = float("nan")
+        config = ckpt.parent.parent / "config.yaml"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            value = OmegaConf.load(config).get("ema_weight")
+            rate = float(value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value)
+        found[rate] = "ema"
+    return found
+
+
+def select_ema_entry(path: str | Path, rate: float | None = None) -> str:
+    """The checkpoint entry of the EMA at `rate` (None: the run's only EMA); errors list the rates kept."""
+    entries = run_ema_entries(path)
+    rates = sorted(r for r in entries if r == r)
+    if not entries:
+        raise KeyError(f"{path} holds no EMA weights (ema_weight 0, or before ema_start_step)")
+    if rate is None:
+        if len(entries) > 1:
+            raise ValueError(f"{path} keeps EMAs at rates {rates}; choose one (e.g. --use_ema {rates[-1]})")
+        return next(iter(entries.values()))
+    for r, name in entries.items():
+        if r == rate or (r != r and len(entries) == 1):  # NaN: a single EMA whose rate is unrecorded
+            return name
+    raise ValueError(f"{path} has no EMA at rate {rate}; it keeps {rates}")
+
+
 def read_run_model(path: str | Path, entry: str = "generator") -> dict[str, torch.Tensor]:
-    """Full (unsharded) weights of `entry` ("generator", "critic" or "ema") from one of our DCP
-    checkpoints, with the wrapper's keys (`model.<wan key>`, plus GAN-head keys for a GAN critic).
+    """Full (unsharded) weights of `entry` ("generator", "critic", "ema" or "ema_<rate>") from one of
+    our DCP checkpoints, with the wrapper's keys (`model.<wan key>`, plus GAN-head keys for a GAN critic).
+    LoRA runs hold `...base_layer.weight` and `...lora_A/B.default.weight` keys (`utils.lora`), and
+    their EMA entries the adapters only.
 
     Reads only that entry's tensors (not the optimizers), in one process, at any world size.
     """
-    if entry not in RUN_ENTRIES:
-        raise ValueError(f"entry must be one of {sorted(RUN_ENTRIES)}, got {entry!r}")
+    if entry not in RUN_ENTRIES and not entry.startswith("ema_"):
+        raise ValueError(f"entry must be one of {sorted(RUN_ENTRIES)} or ema_<rate>, got {entry!r}")
     ckpt = resolve_checkpoint_dir(path)
-    prefix = RUN_ENTRIES[entry]
+    prefix = RUN_ENTRIES.get(entry, entry + ".")
     names = {
         k for k in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith(prefix)
     }
     if not names:
         raise KeyError(f"{ckpt} has no {entry!r} weights (EMA starts at ema_start_step)")
     nested = _load_single_process(names, ckpt)
-    for part in prefix.rstrip(".").split("."):
+    for part in [entry] if entry not in RUN_ENTRIES else prefix.rstrip(".").split("."):
         nested = nested[part]
     return {k: v for k, v in nested.items() if isinstance(v, torch.Tensor)}
 

@@ -26,6 +26,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.lora import LORA_ROLES, parse_names
+
 logger = logging.getLogger(__name__)
 
 # Wan2.1's default negative prompt (used as the unconditional text for CFG upstream).
@@ -146,10 +148,16 @@ class TrainConfig:
     beta1_critic: float = 0.0  # critic AdamW beta1
     beta2_critic: float = 0.999  # critic AdamW beta2
     weight_decay: float = 0.01  # AdamW weight decay (both optimisers)
-    lr_warmup_steps: int = 0  # linear LR warm-up steps, then constant
+    lr_warmup_steps: int = 0  # linear LR warm-up steps, then lr_schedule
+    lr_schedule: str = "constant"  # after the warm-up: constant | linear | cosine decay to lr_min
+    lr_decay_steps: int | None = None  # optimizer steps of the decay; None = max_steps - lr_warmup_steps
+    lr_min: float = 0.0  # generator LR at the end of a linear/cosine decay
+    lr_min_critic: float = 0.0  # critic LR at the end of a linear/cosine decay
     max_grad_norm_generator: float = 10.0  # gradient clipping of the generator
     max_grad_norm_critic: float = 10.0  # gradient clipping of the critic
-    ema_weight: float = 0.99  # EMA decay of the generator; 0 disables EMA
+    # EMA decay of the generator; a list keeps one EMA per rate ([0.99, 0.999]); 0 disables EMA
+    ema_weight: Any = 0.99
+    sample_ema_weight: float | None = None  # EMA rate used for sample videos; None = the first rate
     ema_start_step: int = 200  # EMA is (re)initialised from the generator at this step
 
     # --- systems ---------------------------------------------------------------------------------
@@ -158,6 +166,17 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # per-block activation checkpointing (alias activation_checkpointing)
     text_encoder_cpu_offload: bool = False  # keep the sharded text encoder's parameters on the CPU
     compile: bool = False  # torch.compile each transformer block
+    gradient_checkpointing_offload: bool = (
+        False  # checkpointed blocks' saved inputs go to (pinned) CPU memory
+    )
+
+    # --- LoRA (DiffSynth-Studio's option names) --------------------------------------------------
+    lora_base_model: Any = None  # train adapters instead of weights: "generator", "fake_score" or both
+    lora_target_modules: Any = "q,k,v,o,ffn.0,ffn.2"  # linear layers to adapt (suffixes; comma list)
+    lora_rank: int = 32  # adapter rank r
+    lora_alpha: float | None = None  # the update is scaled by lora_alpha / lora_rank; None = lora_rank
+    lora_checkpoint: str | None = None  # start from saved adapters (peft folder or LoRA safetensors)
+    preset_lora_path: str | None = None  # a LoRA merged into the base weights before training
 
     # --- logging ---------------------------------------------------------------------------------
     wandb_mode: str = "offline"  # offline | online | disabled; credentials only from the environment
@@ -336,8 +355,16 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
-    if not 0.0 <= cfg.ema_weight < 1.0:
-        raise ConfigError(f"ema_weight must be in [0, 1) (0 disables EMA), got {cfg.ema_weight}")
+    rates = ema_rates(cfg)
+    if cfg.sample_ema_weight is not None and cfg.sample_ema_weight not in rates:
+        raise ConfigError(f"sample_ema_weight={cfg.sample_ema_weight} is not one of ema_weight {list(rates)}")
+    _validate_lr_schedule(cfg)
+    _validate_lora(cfg)
+    if cfg.gradient_checkpointing_offload and not cfg.gradient_checkpointing:
+        raise ConfigError(
+            "gradient_checkpointing_offload=true needs gradient_checkpointing=true (it offloads the "
+            "inputs that checkpointed blocks keep for backward)"
+        )
     if len(cfg.image_or_video_shape) != 5 or min(cfg.image_or_video_shape) < 1:
         raise ConfigError(
             f"image_or_video_shape must be 5 positive ints [B, F, C, H, W], got {cfg.image_or_video_shape}"
@@ -355,6 +382,75 @@ def validate_config(cfg: TrainConfig) -> None:
             f"model_kwargs.local_attn_size={window} must be -1 (global) or larger than "
             f"model_kwargs.sink_size={cfg.model_kwargs.sink_size}"
         )
+
+
+def ema_rates(cfg: TrainConfig) -> tuple[float, ...]:
+    """The EMA decays of the run: `ema_weight` as a tuple; () when EMA is off (`ema_weight: 0`)."""
+    value = cfg.ema_weight
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        rates = tuple(float(v) for v in values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"ema_weight must be a number or a list of numbers, got {value!r}") from err
+    if rates == (0.0,):
+        return ()
+    if not rates or any(not 0.0 < r < 1.0 for r in rates) or len(set(rates)) != len(rates):
+        raise ConfigError(
+            f"ema_weight must be 0 (no EMA), a decay in (0, 1) or a list of distinct decays in (0, 1), got {value!r}"
+        )
+    return rates
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def _validate_lr_schedule(cfg: TrainConfig) -> None:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"lr_schedule={cfg.lr_schedule!r} is not one of {list(LR_SCHEDULES)}{_suggest(cfg.lr_schedule, LR_SCHEDULES)}"
+        )
+    if cfg.lr_decay_steps is not None and cfg.lr_decay_steps < 1:
+        raise ConfigError(f"lr_decay_steps must be >= 1 (or null), got {cfg.lr_decay_steps}")
+    for key, low, high in (
+        ("lr_min", cfg.lr_min, cfg.lr),
+        ("lr_min_critic", cfg.lr_min_critic, cfg.lr_critic),
+    ):
+        if low < 0 or (cfg.lr_schedule != "constant" and low > high):
+            raise ConfigError(f"{key}={low} must be in [0, {high}] (the peak learning rate)")
+
+
+def lora_roles(cfg: TrainConfig) -> tuple[str, ...]:
+    """Networks that train LoRA adapters: `lora_base_model` as a tuple (comma list or YAML list)."""
+    return parse_names(cfg.lora_base_model)
+
+
+def lora_targets(cfg: TrainConfig) -> tuple[str, ...]:
+    """`lora_target_modules` as a tuple (comma list or YAML list)."""
+    return parse_names(cfg.lora_target_modules)
+
+
+def _validate_lora(cfg: TrainConfig) -> None:
+    roles = lora_roles(cfg)
+    bad = [r for r in roles if r not in LORA_ROLES]
+    if bad:
+        raise ConfigError(
+            f"lora_base_model names {bad}; choose from {list(LORA_ROLES)} (comma-separated for both)"
+        )
+    if not roles:
+        for key in ("lora_checkpoint", "preset_lora_path"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"{key} is set but lora_base_model is not (which network gets the LoRA?)")
+        return
+    if cfg.lora_rank < 1:
+        raise ConfigError(f"lora_rank must be >= 1, got {cfg.lora_rank}")
+    if not lora_targets(cfg):
+        raise ConfigError("lora_target_modules is empty")
+    if "fake_score" in roles and not NEEDS_CRITIC[cfg.trainer]:
+        raise ConfigError(f"lora_base_model includes fake_score but trainer={cfg.trainer!r} has no critic")
+
+
+# Objectives with a trainable critic (fake score / discriminator).
+NEEDS_CRITIC = {"dmd": True, "sid": True, "causvid": True, "gan": True, "ode": False, "diffusion": False}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ When to start is the trainer's decision. Upstream (spec §6.4) creates the EMA a
 from the current generator weights, then updates it after every generator optimizer step with
 `shadow = d * shadow + (1 - d) * param`, d = `ema_weight`. Buffers are not averaged (the Wan DiT
 has none).
+Only trainable parameters are averaged. Several rates (improved-diffusion keeps 0.9999 and others)
+are several `EMA` objects, one checkpoint entry each (`ema_entry_names`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -29,8 +31,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def ema_entry_names(rates: Sequence[float]) -> dict[float, str]:
+    """Checkpoint entry of each EMA rate: `ema` for a single rate (the classic layout), else `ema_<rate>`."""
+    if len(rates) == 1:
+        return {rates[0]: "ema"}
+    return {r: f"ema_{r}" for r in rates}
+
+
 class EMA(Stateful):
-    """fp32 moving average of `module.named_parameters()`, keyed by parameter name."""
+    """fp32 moving average of a module's trainable parameters (all of them for full training, the
+    adapters for LoRA: frozen weights equal their own average), keyed by parameter name."""
 
     def __init__(self, module: nn.Module) -> None:
         self.shadow: dict[str, torch.Tensor] = {}
@@ -40,11 +50,17 @@ class EMA(Stateful):
     def copy_from(self, module: nn.Module) -> None:
         """(Re)initialise the average to the module's current weights (upstream: at ema_start_step)."""
         reshard_all(module)
-        self.shadow = {name: p.detach().to(torch.float32, copy=True) for name, p in module.named_parameters()}
+        self.shadow = {
+            name: p.detach().to(torch.float32, copy=True)
+            for name, p in module.named_parameters()
+            if p.requires_grad
+        }
+        if not self.shadow:
+            raise ValueError(f"EMA: {type(module).__name__} has no trainable parameter to average")
 
     def _pairs(self, module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         reshard_all(module)  # operate on the sharded parameters, never on a stale gathered copy
-        params = dict(module.named_parameters())
+        params = {n: p for n, p in module.named_parameters() if n in self.shadow or p.requires_grad}
         if params.keys() != self.shadow.keys():
             missing = sorted(self.shadow.keys() - params.keys())[:5]
             extra = sorted(params.keys() - self.shadow.keys())[:5]
@@ -82,7 +98,9 @@ class EMA(Stateful):
     def swap_into(self, module: nn.Module) -> Iterator[nn.Module]:
         """Run the block with EMA weights in `module`; the trained weights are restored afterwards."""
         reshard_all(module)
-        backup = {name: _local(p).detach().clone() for name, p in module.named_parameters()}
+        backup = {
+            name: _local(p).detach().clone() for name, p in module.named_parameters() if name in self.shadow
+        }
         self.copy_to(module)
         try:
             yield module
@@ -90,7 +108,8 @@ class EMA(Stateful):
             reshard_all(module)
             with torch.no_grad():
                 for name, p in module.named_parameters():
-                    _local(p).copy_(backup[name])
+                    if name in backup:
+                        _local(p).copy_(backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The shadows themselves (DTensors for sharded modules): DCP loads into them in place."""

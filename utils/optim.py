@@ -1,4 +1,4 @@
-"""AdamW construction, linear LR warm-up and gradient clipping that works for FSDP2 parameters."""
+"""AdamW construction, LR warm-up and decay schedules and gradient clipping that works for FSDP2 parameters."""
 
 from __future__ import annotations
 
@@ -52,9 +52,47 @@ class LinearWarmup:
         return min(1.0, (step + 1) / self.warmup_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with `LinearWarmup(warmup_steps)`; call `.step()` after each optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LinearWarmup(warmup_steps))
+class WarmupDecay(LinearWarmup):
+    """LR multiplier: the linear warm-up, then constant, or a linear / cosine decay from 1 to `min_ratio`
+    over `decay_steps` optimizer steps, then `min_ratio` (improved-diffusion anneals, SGDR's cosine).
+
+    With `k = step - warmup_steps` steps into the decay and `p = min(1, k / decay_steps)`:
+    linear `1 - (1 - min_ratio) p`; cosine `min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`.
+    Its fields travel in the LR scheduler's state dict (LambdaLR saves a callable object's `__dict__`).
+    """
+
+    def __init__(
+        self, warmup_steps: int, schedule: str = "constant", decay_steps: int = 1, min_ratio: float = 0.0
+    ) -> None:
+        super().__init__(warmup_steps)
+        if schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"schedule must be constant, linear or cosine, got {schedule!r}")
+        if decay_steps < 1 or not 0.0 <= min_ratio <= 1.0:
+            raise ValueError(f"need decay_steps >= 1 and min_ratio in [0, 1], got {decay_steps}, {min_ratio}")
+        self.schedule = schedule
+        self.decay_steps = decay_steps
+        self.min_ratio = min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps or self.schedule == "constant":
+            return super().__call__(step)
+        p = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        if self.schedule == "linear":
+            return 1.0 - (1.0 - self.min_ratio) * p
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    schedule: str = "constant",
+    decay_steps: int = 1,
+    min_ratio: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR with `WarmupDecay(...)`; call `.step()` after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupDecay(warmup_steps, schedule, decay_steps, min_ratio)
+    )
 
 
 def clip_grad_norm(module_or_params: nn.Module | Iterable[torch.Tensor], max_norm: float) -> float:

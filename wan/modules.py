@@ -5,6 +5,7 @@ Parameter names match the official Wan2.1 checkpoints exactly (spec §1.7).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -267,6 +268,7 @@ class WanBackbone(nn.Module):
         self.head = Head(cfg)
         self.pos_embedding = PositionEmbedding(cfg) if cfg.pos_embed_frames > 0 else None
         self.gradient_checkpointing = False
+        self.gradient_checkpointing_offload = False
         self.init_weights()
 
     # -- initialisation (spec §1.6; only matters when training from scratch or in tests) --
@@ -299,8 +301,11 @@ class WanBackbone(nn.Module):
                 proj.weight[chunk * cfg.dim : (chunk + 1) * cfg.dim].zero_()
                 proj.bias[chunk * cfg.dim : (chunk + 1) * cfg.dim].zero_()
 
-    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+    def enable_gradient_checkpointing(self, enabled: bool = True, offload: bool = False) -> None:
+        """Recompute each block in backward; with `offload`, the inputs a checkpointed block keeps for
+        backward wait in (pinned) CPU memory instead (DiffSynth's gradient_checkpointing_offload)."""
         self.gradient_checkpointing = enabled
+        self.gradient_checkpointing_offload = enabled and offload
 
     # -- pieces used by both models --
     def embed_video(self, x: torch.Tensor, start_frame: int = 0) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -337,7 +342,13 @@ class WanBackbone(nn.Module):
     def run_block(self, i: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         block = self.blocks[i]
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
+            offload = (
+                torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda)
+                if self.gradient_checkpointing_offload
+                else contextlib.nullcontext()
+            )
+            with offload:
+                return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
         return block(x, *args, **kwargs)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
