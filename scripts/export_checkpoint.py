@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.checkpoint import export_upstream_pt, read_run_counters, read_run_model
+from utils.checkpoint import CheckpointError, export_upstream_pt, read_run_counters, read_run_model
 from wan.weights import strip_wrapper_prefixes, write_safetensors
 
 logger = logging.getLogger("export_checkpoint")
@@ -28,7 +28,11 @@ def export(source: Path, output: Path, diffusers: bool = False) -> Path:
         critic = read_run_model(source, "critic")
     except KeyError:
         critic = None  # objectives without a critic (ode, diffusion)
-    ema = read_run_model(source, "ema") if counters.get("ema_active") else None
+    try:
+        ema = read_run_model(source, "ema")
+    except CheckpointError as err:  # before ema_start_step: upstream's files then have no EMA either
+        logger.warning("%s; exporting without generator_ema", err)
+        ema = None
     output.mkdir(parents=True, exist_ok=True)
     pt = export_upstream_pt(output / "model.pt", generator, critic, ema)
     for name, sd in (("generator", generator), ("generator_ema", ema)):
