@@ -71,7 +71,7 @@ from utils.ema import EMA
 from utils.errors import USER_ERROR_EXIT_CODE, UserError
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
-from utils.run_record import OVERRIDE_FLAG, check_resume_config, read_saved_config, write_config
+from utils.run_record import OVERRIDE_FLAG, check_resume_config, saved_run_config, write_config
 from wan import WanDiffusionWrapper
 from wan.gan_head import add_gan_head, gan_head_parameter_names
 from wan.weights import load_dit_weights
@@ -168,9 +168,12 @@ class Trainer:
             if needs_critic
             else None
         )
-        self.objective = build_objective_from_config(
-            cfg, self.generator, self.real_score, self.critic, self.vae, self.latent_dtype
-        )
+        try:  # the objectives check their settings: a refusal there is a configuration error
+            self.objective = build_objective_from_config(
+                cfg, self.generator, self.real_score, self.critic, self.vae, self.latent_dtype
+            )
+        except ValueError as err:
+            raise UserError(f"trainer={cfg.trainer}: {err}") from err
 
         # 4. optimisers, EMA
         self.optimizers = {
@@ -237,22 +240,14 @@ class Trainer:
         at the run's first start) and must not change the keys that define it (utils/run_record.py);
         a new run resolves `seed: 0` to a drawn seed."""
         cfg = self.cfg
-        saved = None
-        if cfg.resume:
-
-            def read() -> dict[str, Any] | None:
-                if Checkpointer(self.run_dir).latest() is None:
-                    return None
-                return read_saved_config(self.run_dir) or {}
-
-            saved, error = None, None
-            if self.dist.rank == 0:
-                try:
-                    saved = read()
-                except UserError as err:
-                    error = err
-            raise_user_error_everywhere(error)
-            saved = broadcast_object(saved)
+        saved, error = None, None
+        if cfg.resume and self.dist.rank == 0:
+            try:
+                saved = saved_run_config(self.run_dir)
+            except UserError as err:
+                error = err
+        raise_user_error_everywhere(error)
+        saved = broadcast_object(saved)
         if saved is None:  # a new run
             cfg.seed = resolve_seed(cfg.seed)
             return
@@ -654,7 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resume even though keys that define the run (trainer, models, seed, data, ...) changed",
     )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
 
 def run(args: argparse.Namespace) -> None:

@@ -134,13 +134,25 @@ def test_sigterm_during_gan_warmup_then_resume_equals_uninterrupted(tmp_path, to
 # ------------------------------------------------------------------------------------------------
 # 4/5. the run's record: config.yaml and metrics.jsonl
 # ------------------------------------------------------------------------------------------------
-def test_a_failed_start_writes_no_config_and_prints_one_line(tmp_path, capsys):
-    rc = run("tiny_dmd", tmp_path / "run", [f"data_path={tmp_path / 'missing.txt'}"])
+@pytest.mark.parametrize(
+    "config, overrides, culprit",
+    [
+        ("tiny_dmd", ["data_path={tmp}/missing.txt"], "missing.txt"),  # data
+        ("tiny_dmd", ["generator_ckpt={tmp}/ode_init.pt"], "ode_init.pt"),  # weights (read by rank 0)
+        ("tiny_ode", ["denoising_step_list=[1000,500]"], "denoising_step_list"),  # objective settings
+        ("tiny_dmd", ["lr=nan"], "lr"),  # config
+    ],
+    ids=["data", "weights", "objective", "config"],
+)
+def test_a_failed_start_prints_one_line_exits_2_and_writes_no_config(
+    tmp_path, capsys, config, overrides, culprit
+):
+    rc = run(config, tmp_path / "run", [o.format(tmp=tmp_path) for o in overrides])
     err = capsys.readouterr().err
     assert rc == USER_ERROR_EXIT_CODE
     assert not (tmp_path / "run" / "config.yaml").exists()
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "missing.txt" in lines[0] and "Traceback" not in err
+    assert len(lines) == 1 and culprit in lines[0] and "Traceback" not in err, err[-2000:]
 
 
 def test_restart_with_run_defining_keys_changed_is_one_error_naming_each(tmp_path, capsys):

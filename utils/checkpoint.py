@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -437,7 +438,13 @@ class Checkpointer:
         if self.save_rng:
             to_load[RNG_KEY] = RNGState()  # last, so it is restored after everything else
         _prepare_load(to_load, path)
-        dcp.load(to_load, checkpoint_id=str(path))
+        try:
+            dcp.load(to_load, checkpoint_id=str(path))
+        except CheckpointException as err:  # a BaseException, raised on every rank alike
+            exc = next(iter(err.failures.values()))[0]
+            raise CheckpointError(f"{path} cannot be loaded into this run: {exc}") from err
+        except ValueError as err:  # a Stateful refusing its state (e.g. the sampler's dataset size)
+            raise CheckpointError(f"{path} cannot be loaded into this run: {err}") from err
         logger.info("loaded checkpoint %s", path)
 
 

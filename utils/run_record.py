@@ -77,6 +77,16 @@ def read_saved_config(run_dir: str | Path) -> dict[str, Any] | None:
     return loaded
 
 
+def saved_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """What a start in `run_dir` resumes: None when there is no complete checkpoint (a new run),
+    else the run's saved config ({} when the run has checkpoints but no config.yaml)."""
+    from utils.checkpoint import Checkpointer
+
+    if Checkpointer(run_dir).latest() is None:
+        return None
+    return read_saved_config(run_dir) or {}
+
+
 def write_config(cfg: TrainConfig, run_dir: str | Path) -> Path:
     """Write `cfg` to `<run_dir>/config.yaml` atomically (rank 0, after a successful start)."""
     path = config_path(run_dir)
