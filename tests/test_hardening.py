@@ -371,3 +371,42 @@ def test_rank_zero_names_the_rank_that_received_the_signal(tmp_path):
     text = log.read_text()
     assert "on signal (rank 1: SIGUSR1)" in text, text[-3000:]
     assert len(Checkpointer(tmp_path / "run").complete_checkpoints()) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_leaves_a_complete_checkpoint_that_resumes(tmp_path):
+    # What a cluster scheduler does on pre-emption: SIGTERM to the launcher, which forwards it to
+    # every worker and then prints its own SignalException traceback (README, "Pre-emption").
+    log = tmp_path / "out.txt"
+    overrides = ["max_steps=1000", "log_iters=1000", *QUIET]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _cmd("configs/tiny_dmd.yaml", tmp_path / "run", overrides, nproc=2),
+            env=subprocess_env(),
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            jsonl = tmp_path / "run" / "metrics.jsonl"
+            deadline = time.time() + 180
+            while (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 2) and time.time() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    [(step, path)] = Checkpointer(tmp_path / "run").complete_checkpoints()
+    assert step >= 2, log.read_text()[-3000:]
+    resumed = subprocess.run(
+        _cmd("configs/tiny_dmd.yaml", tmp_path / "run", [f"max_steps={step + 1}", *QUIET]),
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert resumed.returncode == 0 and f"resumed from step {step}" in resumed.stderr, resumed.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, step + 2))
