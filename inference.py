@@ -9,8 +9,11 @@ upstream Self-Forcing `.pt` (`generator` / `generator_ema`), or official/diffuse
 `--num_output_frames` counts LATENT frames; past the training length the generator's rolling window
 (`model_kwargs.local_attn_size`, `model_kwargs.sink_size`) keeps the KV cache bounded.
 
-Writes `<output_folder>/<index>-<sample>_<slug>.mp4` and `summary.json` with per-block latency,
-first-block latency and frames per second, VAE decoding included in every number.
+Writes `<output_folder>/<index>-<sample>_<slug>.mp4` and `summary.json`: per video and in total the
+text-encoding, DiT and VAE-decode seconds, the time to the first decoded frame, per-block latency,
+and frames per second counted in PIXEL frames (the mp4's RGB frames, not latent frames) over the
+whole prompt-to-last-frame time. One warm-up video runs first and is not counted. The whole pipeline
+runs in `--dtype` (bf16 on CUDA by default, as upstream).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import statistics
 import sys
@@ -33,6 +37,7 @@ from utils.checkpoint import read_run_model, select_ema_entry
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
 from utils.distributed import barrier, distributed_session
+from utils.errors import USER_ERROR_EXIT_CODE, UserError
 from utils.logging import setup_logging, video_to_uint8
 from utils.lora import (
     LoraSpec,
@@ -60,7 +65,7 @@ def load_generator_weights(
     A LoRA run's adapters (`lora_rank`/`lora_alpha` of `cfg`) come back merged into the base."""
     if checkpoint is None:
         if cfg.generator_model != "tiny":
-            raise ValueError("--checkpoint is required unless generator_model is 'tiny' (toy weights)")
+            raise UserError("--checkpoint is required unless generator_model is 'tiny' (toy weights)")
         return toy_dit_state_dict(make_dit(cfg, "generator").config)
     path = Path(checkpoint)
     if path.is_dir() and ((path / "checkpoints").is_dir() or (path / "COMPLETE").is_file()):
@@ -136,28 +141,118 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1, help="videos per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=16)
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="dtype of the whole pipeline (generator, text encoder, VAE); auto = bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--no_warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the uncounted warm-up video (it makes the speed figures comparable)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     return p.parse_args(argv)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on an accelerator (upstream casts the whole pipeline to bf16), fp32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type != "cpu" else torch.float32
+    return DTYPES[name]
+
+
+def generate_one(pipe, text_encoder, text: str, noise: torch.Tensor, g: torch.Generator, dtype) -> dict:
+    """One video, timed by stage: text encoding, DiT (denoising + cache refresh), VAE decode.
+
+    Returns the pixel frames `[T, 3, H, W]` and the timings; `total_s` is wall time from the prompt
+    to the last decoded frame, `first_frame_s` from the prompt to the first decoded block.
+    """
+    started = time.perf_counter()
+    cond = {"prompt_embeds": text_encoder([text])["prompt_embeds"].to(noise.device, dtype)}
+    if noise.device.type != "cpu":
+        torch.get_device_module(noise.device).synchronize(noise.device)
+    text_s = time.perf_counter() - started
+    blocks, pixels = [], []
+    first_frame_s = None
+    for block in pipe.stream(noise, cond, generator=g):
+        blocks.append(block)
+        if first_frame_s is None:
+            first_frame_s = time.perf_counter() - started
+        pixels.append(block.frames[0].float().cpu())
+    total_s = time.perf_counter() - started
+    return {
+        "video": torch.cat(pixels, dim=0),
+        "text_encode_s": text_s,
+        "dit_s": sum(b.dit_s for b in blocks),
+        "vae_decode_s": sum(b.decode_s for b in blocks),
+        "block_latency_s": [b.latency_s for b in blocks],
+        "block_dit_s": [b.dit_s for b in blocks],
+        "block_vae_decode_s": [b.decode_s for b in blocks],
+        "time_to_first_frame_s": first_frame_s,
+        "total_s": total_s,
+    }
+
+
+def summarise(videos: list[dict], warmup: dict | None, info, dtype, args) -> dict:
+    """Speed over all counted videos (the warm-up video excluded). FPS counts PIXEL frames: the RGB
+    frames of the written mp4 (4 per latent frame after the first, for the Wan VAE), not latent
+    frames, over wall time from prompt to last decoded frame (text encoding, DiT, VAE decode)."""
+    pixel_frames = sum(v["pixel_frames"] for v in videos)
+    total = sum(v["total_s"] for v in videos)
+    return {
+        "fps_counts": "pixel frames (decoded RGB frames written to the mp4), not latent frames",
+        "fps_time": "prompt to last decoded frame: text encoding + DiT + VAE decode",
+        "vae_decode_included": True,
+        "text_encoding_included": True,
+        "warmup_videos": 0 if warmup is None else 1,
+        "warmup": warmup,
+        "device": str(info.device),
+        "dtype": str(dtype),
+        "world_size": info.world_size,
+        "checkpoint": args.checkpoint,
+        "use_ema": args.use_ema,
+        "videos_counted": len(videos),
+        "pixel_frames": pixel_frames,
+        "latent_frames": sum(v["latent_frames"] for v in videos),
+        "total_s": total,
+        "text_encode_s": sum(v["text_encode_s"] for v in videos),
+        "dit_s": sum(v["dit_s"] for v in videos),
+        "vae_decode_s": sum(v["vae_decode_s"] for v in videos),
+        "fps": pixel_frames / total,
+        "median_fps": statistics.median(v["fps"] for v in videos),
+        "median_time_to_first_frame_s": statistics.median(v["time_to_first_frame_s"] for v in videos),
+        "median_first_block_latency_s": statistics.median(v["first_block_latency_s"] for v in videos),
+        "median_block_latency_s": statistics.median(
+            x for v in videos for x in v["block_latency_s"][1:] or v["block_latency_s"]
+        ),
+        "videos": videos,
+    }
+
+
 @torch.no_grad()
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     with distributed_session() as info:
         setup_logging(info.rank)
         out_dir = Path(args.output_folder)
         if info.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-        dtype = torch.bfloat16 if (cfg.mixed_precision and info.device.type == "cuda") else torch.float32
-        # 1. networks: generator (full copy per rank: inference needs no sharding), text encoder, VAE
+        dtype = pick_dtype(args.dtype, info.device)
+        # 1. networks, all in `dtype`: generator (full copy per rank: inference needs no sharding),
+        #    text encoder, VAE
         generator = make_dit(cfg, "generator")
         load_dit_weights(generator.model, load_generator_weights(cfg, args.checkpoint, args.use_ema))
         if args.lora is not None:
             apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
-        text_encoder = build_text_encoder(cfg, info.device)
-        vae = build_vae(cfg, info.device)
+        text_encoder = build_text_encoder(cfg, info.device, dtype).to(dtype)
+        vae = build_vae(cfg, info.device, dtype).to(info.device, dtype)
         f_train, c, h, w = cfg.latent_shape
         frames = args.num_output_frames or f_train
         pipe = CausalInferencePipeline(
@@ -171,8 +266,27 @@ def main(argv: list[str] | None = None) -> int:
             num_max_frames=frames,
         )
         # 2. prompts: each rank takes every world_size-th prompt; none dropped, none repeated
-        prompts = TextDataset(args.data_path, args.extended_prompt_path)
+        try:
+            prompts = TextDataset(args.data_path, args.extended_prompt_path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"--data_path {args.data_path}: {err}") from err
         mine = shard_indices(len(prompts), info.rank, info.world_size)
+
+        def text_of(idx: int) -> str:
+            item = prompts[idx]
+            return item.get("extended_prompts") or item["prompts"]
+
+        def noise_for(idx: int, k: int) -> tuple[torch.Tensor, torch.Generator]:
+            # noise depends on (seed, prompt, sample) only: the same video at any world size
+            g = torch.Generator().manual_seed(args.seed * 1_000_003 + idx * 1009 + k)
+            return torch.randn(1, frames, c, h, w, generator=g).to(info.device, dtype), g
+
+        # 3. one warm-up video (kernels, allocator, caches), timed but not counted or written
+        warmup = None
+        if args.warmup and mine:
+            noise, g = noise_for(mine[0], 0)
+            out = generate_one(pipe, text_encoder, text_of(mine[0]), noise, g, dtype)
+            warmup = {"index": mine[0], "total_s": out["total_s"]}
         records = []
         bar = None
         if info.rank == 0:
@@ -180,69 +294,59 @@ def main(argv: list[str] | None = None) -> int:
 
             bar = tqdm(total=len(prompts) * args.num_samples, desc="videos", dynamic_ncols=True)
         for idx in mine:
-            item = prompts[idx]
-            text = item.get("extended_prompts") or item["prompts"]
-            cond = {"prompt_embeds": text_encoder([text])["prompt_embeds"].to(info.device, dtype)}
             for k in range(args.num_samples):
-                # noise depends on (seed, prompt, sample) only: the same video at any world size
-                g = torch.Generator().manual_seed(args.seed * 1_000_003 + idx * 1009 + k)
-                noise = torch.randn(1, frames, c, h, w, generator=g).to(info.device, dtype)
-                started = time.perf_counter()
-                latencies, pixels = [], []
-                for block in pipe.stream(noise, cond, generator=g):
-                    latencies.append(block.latency_s)
-                    pixels.append(block.frames[0].float().cpu())
-                total = time.perf_counter() - started
-                video = torch.cat(pixels, dim=0)
-                name = f"{idx:05d}-{k}_{slug(item['prompts'])}.mp4"
+                noise, g = noise_for(idx, k)
+                out = generate_one(pipe, text_encoder, text_of(idx), noise, g, dtype)
+                video = out.pop("video")
+                name = f"{idx:05d}-{k}_{slug(prompts[idx]['prompts'])}.mp4"
                 write_mp4(out_dir / name, video, args.fps)
                 records.append(
                     {
                         "index": idx,
                         "sample": k,
-                        "prompt": item["prompts"],
+                        "prompt": prompts[idx]["prompts"],
                         "file": name,
                         "latent_frames": frames,
                         "pixel_frames": int(video.shape[0]),
-                        "block_latency_s": latencies,
-                        "first_block_latency_s": latencies[0],
-                        "total_s": total,
-                        "fps": video.shape[0] / total,
+                        **out,
+                        "first_block_latency_s": out["block_latency_s"][0],
+                        "fps": video.shape[0] / out["total_s"],
                     }
                 )
                 if bar is not None:
                     bar.update(info.world_size)
         if bar is not None:
             bar.close()
-        # 3. one summary for all ranks
-        gathered = [records]
+        # 4. one summary for all ranks
+        gathered = [(records, warmup)]
         if info.world_size > 1:
             gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, records)
+            torch.distributed.all_gather_object(gathered, (records, warmup))
         if info.rank == 0:
-            videos = sorted((r for part in gathered for r in part), key=lambda r: (r["index"], r["sample"]))
-            summary = {
-                "vae_decode_included": True,
-                "device": str(info.device),
-                "dtype": str(dtype),
-                "world_size": info.world_size,
-                "checkpoint": args.checkpoint,
-                "use_ema": args.use_ema,
-                "median_first_block_latency_s": statistics.median(v["first_block_latency_s"] for v in videos),
-                "median_block_latency_s": statistics.median(
-                    x for v in videos for x in v["block_latency_s"][1:] or v["block_latency_s"]
-                ),
-                "median_fps": statistics.median(v["fps"] for v in videos),
-                "videos": videos,
-            }
+            videos = sorted(
+                (r for part, _ in gathered for r in part), key=lambda r: (r["index"], r["sample"])
+            )
+            summary = summarise(videos, gathered[0][1], info, dtype, args)
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             logger.info(
-                "%d videos; median first-block latency %.3fs, median %.1f frames/s (VAE decode included)",
+                "%d videos; %.1f pixel frames/s (text encoding, DiT and VAE decode included), median "
+                "time to first frame %.3fs",
                 len(videos),
-                summary["median_first_block_latency_s"],
-                summary["median_fps"],
+                summary["fps"],
+                summary["median_time_to_first_frame_s"],
             )
         barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user error (one message, rank 0); anything else keeps its traceback."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
     return 0
 
 

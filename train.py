@@ -21,6 +21,7 @@ import gc
 import hashlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -33,6 +34,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from model.build import (
+    BACKPROP_THROUGH_FROZEN,
     NEEDS,
     add_lora_to_loaded,
     build_exact_teacher,
@@ -44,8 +46,8 @@ from model.build import (
     lora_spec,
     make_dit,
 )
-from utils.checkpoint import Checkpointer, ModelState, OptimizerState
-from utils.config import TrainConfig, ema_rates, load_config, resolve_accumulation, save_config
+from utils.checkpoint import Checkpointer, ModelState, OptimizerState, ScalarState
+from utils.config import TrainConfig, config_to_dict, ema_rates, load_config, resolve_accumulation
 from utils.dataset import (
     LatentLMDBDataset,
     ODERegressionLMDBDataset,
@@ -56,11 +58,13 @@ from utils.dataset import (
 )
 from utils.distributed import (
     DistInfo,
+    all_reduce_mean_sparse,
     broadcast_object,
     build_mesh,
     cleanup,
     init_distributed,
     load_full_state_dict,
+    raise_user_error_everywhere,
     reshard_after_forward_for,
     resolve_seed,
     seed_everything,
@@ -68,9 +72,11 @@ from utils.distributed import (
     shard_model,
 )
 from utils.ema import EMA, ema_entry_names
+from utils.errors import USER_ERROR_EXIT_CODE, UserError
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.lora import add_lora, train_adapters_only
-from utils.optim import build_optimizer, build_scheduler, clip_grad_norm
+from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
+from utils.run_record import OVERRIDE_FLAG, check_resume_config, saved_run_config, write_config
 from wan import WanDiffusionWrapper
 from wan.gan_head import add_gan_head, gan_head_parameter_names
 from wan.weights import load_dit_weights
@@ -79,20 +85,31 @@ logger = logging.getLogger("train")
 
 
 class TrainerState(Stateful):
-    """Counters of the loop that must survive a restart."""
+    """Counters of the loop that must survive a restart (checkpointed as tensors, `ScalarState`)."""
 
     def __init__(self) -> None:
         self.step = 0
-        self.nan_skips = 0
+        self.nan_skips = 0  # skipped optimizer steps in total
+        self.nan_streak = 0  # consecutive training steps with a skipped optimizer step
         self.ema_active = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "nan_skips": self.nan_skips, "ema_active": self.ema_active}
+        return {
+            "step": self.step,
+            "nan_skips": self.nan_skips,
+            "nan_streak": self.nan_streak,
+            "ema_active": self.ema_active,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.nan_skips = int(state["nan_skips"])
+        self.nan_streak = int(state["nan_streak"])
         self.ema_active = bool(state["ema_active"])
+
+
+class TrainingDivergedError(UserError):
+    """Too many consecutive non-finite steps (`max_nan_skips`)."""
 
 
 def _micro_seed(seed: int, step: int, role: str, index: int) -> int:
@@ -102,12 +119,18 @@ def _micro_seed(seed: int, step: int, role: str, index: int) -> int:
 
 class Trainer:
     def __init__(
-        self, cfg: TrainConfig, logdir: str | Path, no_save: bool = False, no_visualize: bool = False
+        self,
+        cfg: TrainConfig,
+        logdir: str | Path,
+        no_save: bool = False,
+        no_visualize: bool = False,
+        allow_config_change: bool = False,
     ):
         self.cfg = cfg
         self.run_dir = Path(logdir)
         self.no_save = no_save
         self.no_visualize = no_visualize
+        self.allow_config_change = allow_config_change
         self.state = TrainerState()
         self._stop_signal: int | None = None
 
@@ -119,11 +142,9 @@ class Trainer:
         setup_logging(self.dist.rank)
         self.device = self.dist.device
         self.accum = resolve_accumulation(cfg, self.dist.world_size)
-        self.seed = resolve_seed(cfg.seed)
+        self._reconcile_with_run_record()
+        self.seed = cfg.seed
         seed_everything(self.seed + self.dist.rank)
-        if self.dist.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir)
         logger.info(
             "trainer=%s world_size=%d device=%s accumulation=%d total_batch_size=%d",
             cfg.trainer,
@@ -152,9 +173,12 @@ class Trainer:
             if needs_critic
             else None
         )
-        self.objective = build_objective_from_config(
-            cfg, self.generator, self.real_score, self.critic, self.vae, self.latent_dtype
-        )
+        try:  # the objectives check their settings: a refusal there is a configuration error
+            self.objective = build_objective_from_config(
+                cfg, self.generator, self.real_score, self.critic, self.vae, self.latent_dtype
+            )
+        except ValueError as err:
+            raise UserError(f"trainer={cfg.trainer}: {err}") from err
 
         # 4. optimisers, EMA
         self.optimizers = {
@@ -205,13 +229,13 @@ class Trainer:
                 project=cfg.wandb_project,
                 entity=cfg.wandb_entity,
                 name=self.run_dir.name,
-                config=None,
+                config=config_to_dict(cfg),
             ),
         )
-        if cfg.resume:
-            step = self.checkpointer.load_latest(self._checkpoint_state())
-            if step is not None:
-                logger.info("resumed from step %d", step)
+        self._resume()
+        # Every check has passed: only now does this start become the run's record.
+        if self.dist.rank == 0:
+            write_config(cfg, self.run_dir)
         # Pre-emption (SIGTERM/SIGUSR1) and a first Ctrl-C (SIGINT) finish the step, save and stop;
         # a second Ctrl-C interrupts at once.
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -226,6 +250,52 @@ class Trainer:
             optimizer, cfg.lr_warmup_steps, cfg.lr_schedule, decay_steps, low / peak if peak > 0 else 1.0
         )
 
+    def _reconcile_with_run_record(self) -> None:
+        """Before anything is built: a run that resumes keeps its seed (`seed: 0` was resolved once,
+        at the run's first start) and must not change the keys that define it (utils/run_record.py);
+        a new run resolves `seed: 0` to a drawn seed."""
+        cfg = self.cfg
+        saved, error = None, None
+        if cfg.resume and self.dist.rank == 0:
+            try:
+                saved = saved_run_config(self.run_dir)
+            except UserError as err:
+                error = err
+        raise_user_error_everywhere(error)
+        saved = broadcast_object(saved)
+        if saved is None:  # a new run
+            cfg.seed = resolve_seed(cfg.seed)
+            return
+        if cfg.seed == 0:
+            if not saved.get("seed"):
+                raise UserError(
+                    f"{self.run_dir} has checkpoints but no config.yaml with the seed its run drew "
+                    "(seed: 0); pass the run's seed as seed=<n>"
+                )
+            cfg.seed = int(saved["seed"])
+        if saved:
+            check_resume_config(saved, cfg, self.allow_config_change)
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint, if any; then this run's learning rates replace the restored ones
+        and metrics.jsonl forgets the steps after the checkpoint (they are about to be redone)."""
+        cfg = self.cfg
+        step = None
+        if cfg.resume:
+            base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self._optimizers_by_name()}
+            step = self.checkpointer.load_latest(self._checkpoint_state())
+            for name, opt in self._optimizers_by_name():
+                apply_base_lrs(opt, self.lr_schedulers.get(name), base_lrs[name])
+            if step is not None:
+                logger.info("resumed from step %d", step)
+        self.metrics.truncate_after(step or 0)
+
+    def _optimizers_by_name(self) -> list[tuple[str, torch.optim.Optimizer]]:
+        named = list(self.optimizers.items())
+        if self.warmup_optimizer is not None:
+            named.append(("critic_warmup", self.warmup_optimizer))
+        return named
+
     def _build_text_encoder(self):
         """Frozen umT5: structure on meta everywhere, weights read by rank 0 only and broadcast, sharded
         like the DiTs (one unit per umT5 block), optionally with its parameters kept on the CPU."""
@@ -235,9 +305,13 @@ class Trainer:
             return build_text_encoder(cfg, self.device, dtype)
         with torch.device("meta"):
             encoder = build_text_encoder(cfg, torch.device("meta"), dtype, structure_only=True)
-        full_sd = None
+        full_sd, error = None, None
         if self.dist.rank == 0:
-            full_sd = build_text_encoder(cfg, torch.device("cpu"), dtype).state_dict()
+            try:
+                full_sd = build_text_encoder(cfg, torch.device("cpu"), dtype).state_dict()
+            except (UserError, OSError) as err:
+                error = err if isinstance(err, UserError) else UserError(f"text encoder: {err}")
+        raise_user_error_everywhere(error)
         shard_model(
             encoder,
             self.mesh,
@@ -270,22 +344,29 @@ class Trainer:
             wrapper = structure()
             if lora is not None:  # adapters live inside the blocks, so FSDP2 shards them with their block
                 add_lora(wrapper.model, lora)
-        full_sd = None
+        full_sd, error = None, None
         if self.dist.rank == 0:
             # Rank 0 alone reads the weights (64 ranks must not each read 14B weights); the GAN head,
             # if any, starts from a seeded init.
-            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-                torch.manual_seed(self.seed)
-                host = structure()
-            load_dit_weights(host.model, dit_weights(cfg, role))
-            if lora is not None:  # base weights first (official names), then the adapters around them
-                add_lora_to_loaded(host.model, cfg, lora, seed=_micro_seed(self.seed, 0, f"{role}/lora", 0))
-            full_sd = host.state_dict()
-            del host
+            try:
+                with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                    torch.manual_seed(self.seed)
+                    host = structure()
+                load_dit_weights(host.model, dit_weights(cfg, role))
+                if lora is not None:  # base weights first (official names), then the adapters around them
+                    add_lora_to_loaded(
+                        host.model, cfg, lora, seed=_micro_seed(self.seed, 0, f"{role}/lora", 0)
+                    )
+                full_sd = host.state_dict()
+                del host
+            except (UserError, OSError) as err:
+                error = err if isinstance(err, UserError) else UserError(f"{role} weights: {err}")
+        raise_user_error_everywhere(error)
         wrapper.requires_grad_(trainable)
         if lora is not None:  # the DiT's base weights stay frozen (a GAN head still trains in full)
             train_adapters_only(wrapper.model)
-        if trainable and cfg.gradient_checkpointing:
+        differentiated = trainable or role in BACKPROP_THROUGH_FROZEN.get(cfg.trainer, ())
+        if differentiated and cfg.gradient_checkpointing:
             wrapper.model.enable_gradient_checkpointing(True, offload=cfg.gradient_checkpointing_offload)
         shard_model(
             wrapper,
@@ -303,9 +384,30 @@ class Trainer:
         return wrapper
 
     def _build_data(self) -> None:
+        """Open and check the data on every rank; any problem is one `UserError` on every rank."""
+        error = None
+        try:
+            self._open_data()
+        except UserError as err:
+            error = err
+        except (OSError, ValueError) as err:  # unreadable file, bad prompt file, bad rows
+            error = UserError(f"data_path={self.cfg.data_path!r}: {err}")
+        raise_user_error_everywhere(error)
+        self.sampler = StatefulDistributedSampler(
+            len(self.dataset),
+            self.dist.rank,
+            self.dist.world_size,
+            shuffle=True,
+            seed=self.seed,
+            drop_last=True,
+        )
+        self.loader = infinite_loader(self.dataset, self.sampler, self.cfg.batch_size)
+        self._negative: dict[int, torch.Tensor] = {}
+
+    def _open_data(self) -> None:
         cfg = self.cfg
         if cfg.data_path is None:
-            raise ValueError(
+            raise UserError(
                 "data_path is not set: a prompt file (dmd/sid) or an LMDB directory (gan/ode/diffusion/causvid)"
             )
         f, c, h, w = cfg.latent_shape
@@ -320,17 +422,12 @@ class Trainer:
             dataset = LatentLMDBDataset(cfg.data_path, with_image_latent=cfg.i2v)
             check_row_shape(dataset, (f, c, h, w), "clean_latent [F, C, H, W]")
         self.dataset = dataset
-        self.sampler = StatefulDistributedSampler(
-            len(dataset), self.dist.rank, self.dist.world_size, shuffle=True, seed=self.seed, drop_last=True
-        )
-        self.loader = infinite_loader(dataset, self.sampler, cfg.batch_size)
-        self._negative: dict[int, torch.Tensor] = {}
 
     def _checkpoint_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "generator": ModelState(self.generator, self.optimizers["generator"]),
-            "trainer": self.state,
-            "sampler": self.sampler,
+            "trainer": ScalarState(self.state),
+            "sampler": ScalarState(self.sampler),
             "lr_generator": self.lr_schedulers["generator"],
         }
         if self.critic is not None:
@@ -400,7 +497,8 @@ class Trainer:
             f"{role}_grad_norm": grad_norm,
             f"{role}_lr": optimizer.param_groups[0]["lr"],
         }
-        out.update({k: v for k, v in sums.items() if k not in out})
+        averaged = all_reduce_mean_sparse(sums, self.device)  # every rank's values, not rank 0's
+        out.update({k: v for k, v in averaged.items() if k not in out})
         if not (math.isfinite(float(total_loss)) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             self.state.nan_skips += 1
@@ -442,6 +540,8 @@ class Trainer:
             if has_critic:
                 metrics.update(self._optimizer_step("critic"))
             self.state.step += 1
+            skipped = any(k.endswith("_skipped") for k in metrics)
+            self.state.nan_streak = self.state.nan_streak + 1 if skipped else 0
             # Upstream (re)initialises the EMA from the current weights once ema_start_step is reached.
             if self.emas and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
                 for ema in self.emas.values():
@@ -449,6 +549,7 @@ class Trainer:
                 self.state.ema_active = True
             metrics["step_time"] = time.perf_counter() - started
             metrics["nan_skips"] = self.state.nan_skips
+            metrics["nan_streak"] = self.state.nan_streak
             if self.device.type == "cuda":
                 metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             self.metrics.log(self.state.step, metrics)
@@ -458,11 +559,11 @@ class Trainer:
                 bar.update(1)
             if cfg.sample_every and self.state.step % cfg.sample_every == 0 and not self.no_visualize:
                 self._log_samples()
+            self._check_divergence()
             stop = self._agreed_stop()
             if not self.no_save and (self.state.step % cfg.log_iters == 0 or stop):
                 self.save()
             if stop:
-                logger.info("stopping at step %d on signal %s", self.state.step, self._stop_signal)
                 break
             if self.state.step % cfg.gc_interval == 0:
                 gc.collect()
@@ -473,10 +574,32 @@ class Trainer:
             if broadcast_object(latest is None or latest[0] != self.state.step):
                 self.save()
 
+    def _check_divergence(self) -> None:
+        """Stop after `max_nan_skips` consecutive skipped steps: the run is not coming back."""
+        streak = self.state.nan_streak
+        if streak < self.cfg.max_nan_skips:
+            return
+        latest = self.checkpointer.latest() if self.dist.rank == 0 else None
+        latest = broadcast_object(latest)
+        kept = f"the latest checkpoint ({latest[1]}) is the last good one" if latest else "no checkpoint"
+        raise TrainingDivergedError(
+            f"stopping at step {self.state.step}: the last {streak} steps were all skipped because a "
+            f"loss or gradient was not finite (max_nan_skips={self.cfg.max_nan_skips}); {kept}. "
+            "Lower the learning rates (lr, lr_critic) or check the data and weights"
+        )
+
     def _in_discriminator_warmup(self) -> bool:
         return self.warmup_optimizer is not None and self.state.step < self.cfg.discriminator_warmup_steps
 
     def save(self) -> None:
+        if self.state.nan_streak > 0:
+            # The weights that produced the non-finite step are suspect: keep the last good checkpoint.
+            logger.warning(
+                "step %d: not saving a checkpoint, the last %d steps were skipped as non-finite",
+                self.state.step,
+                self.state.nan_streak,
+            )
+            return
         self.checkpointer.save(self.state.step, self._checkpoint_state())
 
     def _on_signal(self, signum, _frame) -> None:
@@ -486,9 +609,14 @@ class Trainer:
 
     def _agreed_stop(self) -> bool:
         """All ranks stop at the same step if any rank got SIGTERM/SIGUSR1 (cluster pre-emption)."""
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0], device=self.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        signals = torch.zeros(self.dist.world_size, dtype=torch.int64, device=self.device)
+        signals[self.dist.rank] = self._stop_signal or 0
+        torch.distributed.all_reduce(signals)  # each rank's own signal number in its slot
+        received = {rank: int(s) for rank, s in enumerate(signals.tolist()) if s}
+        if received:
+            who = ", ".join(f"rank {r}: {signal.Signals(s).name}" for r, s in received.items())
+            logger.info("stopping at step %d on signal (%s)", self.state.step, who)
+        return bool(received)
 
     @torch.no_grad()
     def _log_samples(self) -> None:
@@ -549,19 +677,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_save", action="store_true", help="do not write checkpoints")
     p.add_argument("--no_visualize", action="store_true", help="do not generate sample videos")
     p.add_argument("--disable-wandb", "--disable_wandb", dest="disable_wandb", action="store_true")
+    p.add_argument(
+        OVERRIDE_FLAG,
+        dest="allow_config_change",
+        action="store_true",
+        help="resume even though keys that define the run (trainer, models, seed, data, ...) changed",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags may follow key=value overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.disable_wandb:
         overrides.append("wandb_mode=disabled")
     cfg = load_config(args.config, overrides)
     logdir = args.logdir or cfg.logdir or str(Path("runs") / Path(args.config).stem)
     cfg.logdir = logdir
-    trainer = Trainer(cfg, logdir, no_save=args.no_save, no_visualize=args.no_visualize)
+    trainer = Trainer(
+        cfg,
+        logdir,
+        no_save=args.no_save,
+        no_visualize=args.no_visualize,
+        allow_config_change=args.allow_config_change,
+    )
     ok = False
     try:
         trainer.setup()
@@ -569,6 +708,18 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
     finally:
         trainer.cleanup(ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user error (config, data, checkpoint: one message, from rank 0 only);
+    anything else is a bug and keeps its traceback."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
     return 0
 
 

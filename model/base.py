@@ -210,6 +210,15 @@ def sample_per_chunk(
 # ------------------------------------------------------------------------------------------------
 # Gradient routing
 # ------------------------------------------------------------------------------------------------
+def zero_where_undefined(value: Tensor, *scores: Tensor) -> Tensor:
+    """`value` (a score difference over the normaliser `mean|x - r|`) with the 0/0 of a zero normaliser
+    set to 0, as upstream's `nan_to_num` does, but NaN everywhere when a score itself is not finite:
+    a broken teacher or critic must make the step non-finite (skipped and counted), never a silent
+    zero gradient."""
+    finite = torch.stack([torch.isfinite(s).all() for s in scores]).all()
+    return torch.where(finite, torch.nan_to_num(value), torch.full_like(value, float("nan")))
+
+
 def gradient_only_through(loss: Tensor, x: Tensor, mask: Tensor | None = None) -> Tensor:
     """A scalar equal to `loss` whose gradient w.r.t. `x` is `mask * d(loss)/dx` and zero elsewhere.
 

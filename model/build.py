@@ -180,6 +180,11 @@ def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch
 # Objectives that train on the Self-Forcing rollout (built once in `build_objective_from_config`).
 ROLLOUT_OBJECTIVES = ("dmd", "sid", "gan")
 
+# Frozen networks whose output an objective differentiates (SiD's generator loss backpropagates
+# through the teacher to the generated latents): they need activation checkpointing as much as the
+# trainable ones (upstream enables it on SiD's real score too).
+BACKPROP_THROUGH_FROZEN: dict[str, tuple[str, ...]] = {"sid": ("real_score",)}
+
 # Which networks each objective needs: (real score, critic).
 NEEDS = {
     "dmd": (True, True),

@@ -24,6 +24,7 @@ from .base import (
     SelfForcingGenerator,
     require,
     timestep_bucket_metrics,
+    zero_where_undefined,
 )
 
 __all__ = ["DMD", "ScoreDistillation"]
@@ -144,7 +145,7 @@ class ScoreDistillation(Objective):
             fake = self.fake_x0(noisy, t, batch).double()
             real = self.real_x0(noisy, t, batch).double()
             normaliser = (x.detach().double() - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
-            return torch.nan_to_num((fake - real) / normaliser)
+            return zero_where_undefined((fake - real) / normaliser, fake, real)
 
     def dmd_loss(
         self,

@@ -18,7 +18,7 @@ from torch import Tensor
 from utils.scheduler import FlowMatchScheduler
 from wan import WanDiffusionWrapper
 
-from .base import SelfForcingGenerator, gradient_only_through, timestep_bucket_metrics
+from .base import SelfForcingGenerator, gradient_only_through, timestep_bucket_metrics, zero_where_undefined
 from .dmd import DMD
 
 __all__ = ["SiD"]
@@ -69,7 +69,9 @@ class SiD(DMD):
         with torch.no_grad():
             normaliser = (xd - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
         diff = real - fake
-        elementwise = torch.nan_to_num(diff * ((real - xd) - self.sid_alpha * diff) / normaliser)
+        elementwise = zero_where_undefined(
+            diff * ((real - xd) - self.sid_alpha * diff) / normaliser, fake, real
+        )
         value = elementwise.mean() if gradient_mask is None else elementwise[gradient_mask].mean()
         loss = gradient_only_through(value, x, gradient_mask)
         per_sample = elementwise.detach().mean(dim=(1, 2, 3, 4))

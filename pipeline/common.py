@@ -350,12 +350,15 @@ class InferenceOutput:
 class BlockOutput:
     """One streamed block: `latents: [B, f, C, H, W]`, its decoded `frames: [B, T_f, 3, H', W']` in
     [-1, 1] (None without a VAE), its first absolute latent frame, and the seconds it took to produce
-    (from the consumer's request to the block being ready, decode included)."""
+    (from the consumer's request to the block being ready, decode included): `latency_s` =
+    `dit_s` (denoising and cache refresh) + `decode_s` (VAE)."""
 
     latents: Tensor
     frames: Tensor | None
     start_frame: int
     latency_s: float
+    dit_s: float = 0.0
+    decode_s: float = 0.0
 
 
 def _synchronize(device: torch.device) -> None:
@@ -368,7 +371,10 @@ def timed_blocks(blocks: Iterator[tuple[int, Tensor]], decoder=None) -> Iterator
     """Wrap `(start_frame, latents)` blocks into `BlockOutput`s, decoding each with a streaming decoder."""
     start = time.perf_counter()
     for first_frame, latents in blocks:
+        _synchronize(latents.device)
+        denoised = time.perf_counter()
         frames = decoder.decode(latents) if decoder is not None else None
         _synchronize(latents.device)
-        yield BlockOutput(latents, frames, first_frame, time.perf_counter() - start)
+        done = time.perf_counter()
+        yield BlockOutput(latents, frames, first_frame, done - start, denoised - start, done - denoised)
         start = time.perf_counter()

@@ -22,6 +22,7 @@ from tests.dist_helpers import (
 from utils.checkpoint import (
     COMPLETE_MARKER,
     Checkpointer,
+    CheckpointError,
     ModelState,
     NonFiniteCheckpointError,
     export_upstream_pt,
@@ -259,5 +260,52 @@ def test_load_refuses_incomplete_directory(world1, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(path, copy)
     (copy / COMPLETE_MARKER).unlink()
-    with pytest.raises(FileNotFoundError, match="COMPLETE"):
+    with pytest.raises(CheckpointError, match="COMPLETE"):
         ckpt.load(copy, {"gen": ModelState(model, optim)})
+
+
+def _step_all_but_head(model, optim, seed: int) -> None:
+    """One AdamW step in which the head gets no gradient (so it never gets optimizer state)."""
+    gen = torch.Generator().manual_seed(seed)
+    optim.zero_grad()
+    model(torch.randn(4, 5, generator=gen)).square().mean().backward()
+    for p in model.head.parameters():
+        p.grad = None
+    optim.step()
+
+
+def test_saving_an_unstepped_optimizer_does_not_change_its_next_step(world1, tmp_path):
+    # Reference: an optimizer that was never saved. torch's get_optimizer_state_dict would give the
+    # saved one step counters of 1 before its first step, so its first update would differ.
+    ref_model, ref_optim = build(world1, seed=0)
+    model, optim = build(world1, seed=0)
+    Checkpointer(tmp_path).save(1, {"gen": ModelState(model, optim)})
+    assert len(optim.state) == 0, "saving initialised optimizer state"
+    train_steps(ref_model, ref_optim, 2, seed=3)
+    train_steps(model, optim, 2, seed=3)
+    for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(full(a), full(b)), name
+    # ... and loading that unstepped checkpoint leaves a fresh optimizer without state.
+    model2, optim2 = build(world1, seed=1)
+    Checkpointer(tmp_path).load_latest({"gen": ModelState(model2, optim2)})
+    assert len(optim2.state) == 0
+
+
+def test_parameters_without_optimizer_state_save_load_and_continue_exactly(world1, tmp_path):
+    # The GAN critic's DiT output head never gets a gradient: its AdamW state does not exist.
+    straight, straight_optim = build(world1, seed=0)
+    _step_all_but_head(straight, straight_optim, seed=1)
+    model, optim = build(world1, seed=0)
+    _step_all_but_head(model, optim, seed=1)
+    Checkpointer(tmp_path).save(1, {"gen": ModelState(model, optim)})
+
+    resumed, resumed_optim = build(world1, seed=7)
+    Checkpointer(tmp_path).load_latest({"gen": ModelState(resumed, resumed_optim)})
+    head = {id(p) for p in resumed.head.parameters()}
+    assert all(id(p) not in head for p in resumed_optim.state), "state invented for unstepped params"
+    assert len(resumed_optim.state) == len(optim.state)
+    # Both continue with a step that does train the head (its first): identical results.
+    train_steps(straight, straight_optim, 1, seed=2)
+    train_steps(resumed, resumed_optim, 1, seed=2)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(full(a), full(b)), name

@@ -44,6 +44,8 @@ def results(tmp_path_factory):
         "broadcast",
         "meta_load",
         "gradient_sync",
+        "sparse_metric_mean",
+        "user_error_everywhere",
     ],
 )
 def test_two_rank_check(results, check):

@@ -284,3 +284,54 @@ def test_causvid_needs_clean_latent(nets):
     obj = CausVid(gen, real, fake, sched, denoising_step_list=[1000, 500])
     with pytest.raises(KeyError, match="clean_latent"):
         obj.generate({"prompt_embeds": torch.randn(B, 5, TINY.text_dim)}, {})
+
+
+# ----------------------------------------------------------------------------------------------
+# non-finite scores and activation checkpointing of the teacher
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["dmd", "sid"])
+@pytest.mark.parametrize("broken", ["real_x0", "fake_x0"])
+def test_a_non_finite_score_makes_the_generator_loss_non_finite(nets, name, broken, monkeypatch):
+    # (upstream's nan_to_num turned a NaN teacher or critic into a zero gradient and a finite loss)
+    gen, real, fake, sched = nets
+    obj = build_objective(name, gen, real, fake, sched, rollout=_rollout(gen, sched))
+    x, t, noise = _inputs()
+    score = getattr(obj, broken)
+
+    def poisoned(noisy, t, batch):
+        out = score(noisy, t, batch).clone()
+        out.view(-1)[5] = float("nan")  # one element is enough
+        return out
+
+    monkeypatch.setattr(obj, broken, poisoned)
+    loss, _ = obj.distribution_loss(x, t, noise, _batch(), None)
+    assert not torch.isfinite(loss)
+
+
+def test_a_zero_normaliser_still_gives_a_zero_gradient(nets, monkeypatch):
+    # When the generated sample equals the teacher's x0 exactly, g = 0/0: zero, as upstream.
+    gen, real, fake, sched = nets
+    obj = DMD(gen, real, fake, sched, rollout=_rollout(gen, sched))
+    x, t, noise = _inputs()
+    monkeypatch.setattr(obj, "real_x0", lambda noisy, t, batch: x.detach().clone())
+    monkeypatch.setattr(obj, "fake_x0", lambda noisy, t, batch: x.detach().clone())
+    g = obj.kl_gradient(x, t, noise, _batch())
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_sid_generator_gradients_are_the_same_with_teacher_checkpointing(nets):
+    # SiD backpropagates through the teacher, so the trainer checkpoints the teacher's blocks too;
+    # recomputing them in the backward pass must not change the generator's gradient.
+    gen, real, fake, sched = nets
+    obj = SiD(gen, real, fake, sched, rollout=_rollout(gen, sched))
+    grads = []
+    for checkpointing in (False, True):
+        real.model.enable_gradient_checkpointing(checkpointing)
+        gen.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        loss, _ = obj.generator_loss(_batch(), obj.sample_shared(B, torch.Generator().manual_seed(3)))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in gen.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=1e-9, msg=n)

@@ -134,3 +134,45 @@ def test_inference_from_a_run_directory(short_run, tmp_path):
     proc = _infer(tmp_path, "videos", ["--checkpoint", str(short_run), "--use_ema"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_outputs(tmp_path / "videos", 9)
+
+
+def test_summary_times_each_stage_and_counts_pixel_frames(tmp_path):
+    # Toy weights, 3 latent frames -> 1 + 4 * 2 = 9 pixel frames per video (Wan VAE: 4x in time).
+    proc = _infer(tmp_path, "videos", [])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = _check_outputs(tmp_path / "videos", 9)
+    assert summary["warmup_videos"] == 1 and summary["warmup"]["total_s"] > 0
+    assert len(summary["videos"]) == len(PROMPTS), "the warm-up video must not be counted"
+    assert "pixel frames" in summary["fps_counts"] and summary["dtype"] == "torch.float32"
+    for v in summary["videos"]:
+        parts = v["text_encode_s"] + v["dit_s"] + v["vae_decode_s"]
+        assert 0 < parts <= v["total_s"]
+        assert v["dit_s"] == pytest.approx(sum(v["block_dit_s"]))
+        assert v["vae_decode_s"] == pytest.approx(sum(v["block_vae_decode_s"]))
+        for latency, dit, vae in zip(v["block_latency_s"], v["block_dit_s"], v["block_vae_decode_s"]):
+            assert latency == pytest.approx(dit + vae)
+        first = v["text_encode_s"] + v["block_dit_s"][0] + v["block_vae_decode_s"][0]
+        assert first <= v["time_to_first_frame_s"] <= v["total_s"]
+        assert v["fps"] == pytest.approx(v["pixel_frames"] / v["total_s"])
+        assert v["pixel_frames"] == 1 + 4 * (v["latent_frames"] - 1)
+    videos = summary["videos"]
+    assert summary["pixel_frames"] == sum(v["pixel_frames"] for v in videos)
+    assert summary["fps"] == pytest.approx(summary["pixel_frames"] / sum(v["total_s"] for v in videos))
+    for key in ("text_encode_s", "dit_s", "vae_decode_s", "total_s"):
+        assert summary[key] == pytest.approx(sum(v[key] for v in videos)), key
+
+
+def test_use_ema_before_ema_start_step_is_refused_like_export(tmp_path):
+    run = tmp_path / "run"
+    proc = _run(["train.py", "--config", "configs/tiny_dmd.yaml", "--logdir", str(run), "max_steps=2",
+                 "sample_every=0", "ema_start_step=5"])  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _infer(tmp_path, "videos", ["--checkpoint", str(run), "--use_ema"])
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "ema_start_step=5" in line and "step 2" in line and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "videos").glob("*.mp4"))
+    # export agrees: no generator_ema before EMA has started
+    proc = _run(["scripts/export_checkpoint.py", "--logdir", str(run), "--output", str(tmp_path / "exp")])
+    assert proc.returncode == 0 and "ema_start_step=5" in proc.stderr
+    assert "generator_ema" not in torch.load(tmp_path / "exp" / "model.pt", weights_only=True)

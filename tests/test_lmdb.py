@@ -238,3 +238,19 @@ def test_per_rank_shards_and_done_keys(tmp_path):
     # reader survives pickling (DataLoader workers), re-opening its environments
     clone = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(clone.latent(6), reader.latent(6))
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.5, 0.05, 0.0])
+def test_truncated_data_mdb_is_a_clear_error_not_a_bus_error(tmp_path, keep):
+    # Reading through the memory map past the end of a truncated file is SIGBUS, which would kill
+    # the test process itself; the reader must refuse before any page is touched, naming the file.
+    import os
+
+    with LMDBWriter(tmp_path / "env") as writer:
+        for i in range(6):
+            writer.write(f"p{i}", np.random.default_rng(i).standard_normal((4, 3, 8, 8)))
+    mdb = tmp_path / "env" / "data.mdb"
+    os.truncate(mdb, int(mdb.stat().st_size * keep))
+    with pytest.raises(LMDBFormatError, match=str(mdb)):
+        reader = LMDBReader(tmp_path / "env")
+        [reader.latent(i) for i in range(len(reader))]

@@ -155,3 +155,19 @@ def test_diffusers_folder(vae, tmp_path):
     torch.testing.assert_close(loaded.decode(latents), vae.decode(latents), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="vae"):
         WanVAE.from_diffusers_folder(tmp_path / "nowhere")
+
+
+def test_pyproject_diffusers_minimum_provides_the_streaming_decoder_api():
+    # AutoencoderKLWan first shipped in diffusers 0.33.0 and WanDecoder3d.forward(first_chunk=...)
+    # in 0.35.0 (the Wan2.2 change); both checked in diffusers' git tags. The declared minimum
+    # must be at least that, and the installed diffusers must have the argument we pass.
+    import inspect
+    import re
+    from pathlib import Path
+
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanDecoder3d
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    major, minor = map(int, re.search(r'"diffusers>=(\d+)\.(\d+)', text).groups())
+    assert (major, minor) >= (0, 35)
+    assert "first_chunk" in inspect.signature(WanDecoder3d.forward).parameters

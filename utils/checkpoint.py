@@ -9,11 +9,11 @@ when resuming at a different world size.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import shutil
@@ -28,17 +28,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_optimizer_state_dict,
     set_model_state_dict,
-    set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from utils.distributed import barrier, broadcast_object, reshard_all
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,10 @@ class NonFiniteCheckpointError(RuntimeError):
     """Raised instead of writing a checkpoint that holds NaN or inf."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint cannot be used by this run (incomplete, another format, other parameters)."""
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -67,25 +71,124 @@ def _world_size() -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its FQN, without wrapper prefixes (torch.compile, checkpoint wrappers)."""
+    names = {}
+    for name, param in model.named_parameters():
+        for wrapper in ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+            name = name.replace(wrapper, "")
+        names[id(param)] = name
+    return names
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer`'s state keyed by parameter FQN: `{"state": {fqn: {...}}, "param_groups": [...]}`.
+
+    Unlike `get_optimizer_state_dict`, this never initialises missing state (torch does that with
+    a zero-gradient `step()`, which sets Adam's step counters to 1 and so changes the next update):
+    parameters that have not stepped yet simply have no entry, as in the live optimizer. Tensors are
+    the optimizer's own (DTensor shards for FSDP2 parameters), not copies.
+    """
+    names = _param_names(model)
+    state: dict[str, dict[str, Any]] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        fqns = [names[id(p)] for p in group["params"]]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": fqns})
+        for p, fqn in zip(group["params"], fqns):
+            if optimizer.state.get(p):
+                state[fqn] = dict(optimizer.state[p])
+    return {"state": state, "param_groups": groups}
+
+
+def _optimizer_template(
+    model: nn.Module, optimizer: torch.optim.Optimizer, saved: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What to load into: the param groups, and state tensors for exactly the (FQN, name) entries
+    `saved` (checkpoint key suffix -> storage metadata) holds, shaped and placed like the parameters."""
+    template = optimizer_state_dict(model, optimizer)
+    params = {fqn: p for p, fqn in _named_params(model, optimizer)}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for suffix, meta in saved.items():
+        fqn, _, name = suffix.rpartition(".")
+        if fqn not in params:
+            raise CheckpointError(
+                f"checkpoint holds optimizer state for {fqn!r}, which this model does not train"
+            )
+        p, size, dtype = params[fqn], tuple(meta.size), meta.properties.dtype
+        if name != "step" and size == tuple(p.shape):
+            state.setdefault(fqn, {})[name] = torch.zeros_like(p, dtype=dtype)  # DTensor like p
+        else:  # Adam's step counter (a CPU scalar) and any other unsharded value
+            state.setdefault(fqn, {})[name] = torch.zeros(size, dtype=dtype)
+    template["state"] = state
+    return template
+
+
+def _named_params(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, str]]:
+    names = _param_names(model)
+    return [(p, names[id(p)]) for group in optimizer.param_groups for p in group["params"]]
+
+
+def load_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any]
+) -> None:
+    """Inverse of `optimizer_state_dict`. Parameters without an entry keep no state (they have not
+    stepped, and will initialise it lazily on their first step, as in an uninterrupted run)."""
+    named = _named_params(model, optimizer)
+    index = {fqn: i for i, (_, fqn) in enumerate(named)}
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"checkpoint optimizer has {len(saved_groups)} parameter groups, this one "
+            f"{len(optimizer.param_groups)}: the run's trainable parameters changed"
+        )
+    groups, position = [], 0
+    for saved, live in zip(saved_groups, optimizer.param_groups):
+        live_fqns = [fqn for _, fqn in named[position : position + len(live["params"])]]
+        if list(saved["params"]) != live_fqns:
+            missing = sorted(set(live_fqns) ^ set(saved["params"]))[:5]
+            raise CheckpointError(
+                f"checkpoint optimizer group trains other parameters than this run ({missing} ...)"
+            )
+        groups.append({**saved, "params": [index[f] for f in live_fqns]})
+        position += len(live["params"])
+    state = {index[fqn]: dict(values) for fqn, values in state_dict["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 class ModelState(Stateful):
-    """A (possibly FSDP2-sharded) module and its optimizer as one DCP entry, keyed by parameter FQN."""
+    """A (possibly FSDP2-sharded) module and its optimizer as one DCP entry, keyed by parameter FQN.
+
+    Before a load, `Checkpointer.load` calls `prepare_load` with the entry's optimizer keys in the
+    checkpoint, so the template asks only for the optimizer state that was saved.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self._saved_optim: dict[str, Any] | None = None
+
+    def prepare_load(self, keys: Mapping[str, Any]) -> None:
+        """`keys`: checkpoint key (without this entry's name) -> DCP storage metadata."""
+        prefix = "optim.state."
+        self._saved_optim = {k[len(prefix) :]: m for k, m in keys.items() if k.startswith(prefix)}
 
     def state_dict(self) -> dict[str, Any]:
         reshard_all(self.model)  # the sharded parameters are the ones to save and load into
         state = {"model": get_model_state_dict(self.model)}
         if self.optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+            if self._saved_optim is None:
+                state["optim"] = optimizer_state_dict(self.model, self.optimizer)
+            else:
+                state["optim"] = _optimizer_template(self.model, self.optimizer, self._saved_optim)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_optim = None
         reshard_all(self.model)
         set_model_state_dict(self.model, state_dict["model"])
         if self.optimizer is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"])
+            load_optimizer_state_dict(self.model, self.optimizer, state_dict["optim"])
 
 
 class OptimizerState(Stateful):
@@ -94,44 +197,85 @@ class OptimizerState(Stateful):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
+        self._saved: dict[str, Any] | None = None
+
+    def prepare_load(self, keys: Mapping[str, Any]) -> None:
+        self._saved = {k[len("state.") :]: m for k, m in keys.items() if k.startswith("state.")}
 
     def state_dict(self) -> dict[str, Any]:
         reshard_all(self.model)
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        if self._saved is not None:
+            return _optimizer_template(self.model, self.optimizer, self._saved)
+        return optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved = None
         reshard_all(self.model)
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        load_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
-def _capture_rng() -> bytes:
-    accel = None
-    if torch.cuda.is_available():  # accelerator RNG of the current device, when there is one
-        accel = torch.cuda.get_rng_state().numpy().tobytes()
+class ScalarState(Stateful):
+    """A Stateful whose state is a flat dict of ints, floats and bools (counters, a sampler's
+    position), stored as 0-d tensors so that no pickled value of ours ends up in a checkpoint."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, value in self.inner.state_dict().items():
+            if isinstance(value, bool):
+                out[key] = torch.tensor(value, dtype=torch.bool)
+            elif isinstance(value, int):
+                out[key] = torch.tensor(value, dtype=torch.int64)
+            elif isinstance(value, float):
+                out[key] = torch.tensor(value, dtype=torch.float64)
+            else:
+                raise TypeError(f"ScalarState: {key!r} is a {type(value).__name__}, not int/float/bool")
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict({k: v.item() for k, v in state_dict.items()})
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _capture_rng() -> dict[str, Any]:
+    """This process's generator states as JSON values (byte states base64-encoded)."""
+    version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
-        "torch": torch.get_rng_state().numpy().tobytes(),
-        "cuda": accel,
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state().numpy().tobytes()),
+        "cuda": None,
     }
-    return pickle.dumps(state)
+    if torch.cuda.is_available():  # accelerator RNG of the current device, when there is one
+        state["cuda"] = _b64(torch.cuda.get_rng_state().numpy().tobytes())
+    return state
 
 
-def _restore_rng(blob: bytes) -> None:
-    state = pickle.loads(blob)  # written by _capture_rng into our own checkpoint
-    random.setstate(state["python"])
+def _bytes_tensor(blob: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(blob)), dtype=torch.uint8)
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    torch.set_rng_state(_bytes_tensor(state["torch"]))
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8))
+        torch.cuda.set_rng_state(_bytes_tensor(state["cuda"]))
 
 
-def _reseed_from(blob: bytes, rank: int) -> None:
+def _reseed_from(state: Mapping[str, Any], rank: int) -> None:
     """Deterministic per-rank seed derived from a saved RNG state (used when the world size changed)."""
     import hashlib
 
+    blob = json.dumps(state, sort_keys=True).encode()
     digest = hashlib.sha256(blob + rank.to_bytes(8, "little")).digest()
     seed = int.from_bytes(digest[:8], "little") % 2**63
     random.seed(seed)
@@ -143,29 +287,45 @@ class RNGState(Stateful):
     """Python, numpy, torch CPU and CUDA generator states of **every** rank.
 
     Saving gathers each rank's state into one rank-indexed list (identical on all ranks, so DCP
-    writes it once). Loading at the same world size restores each rank's own state exactly. At a
-    different world size the old streams cannot be mapped onto the new ranks, so every rank reseeds
-    all generators from `sha256(saved rank-0 state, new rank)`: deterministic for a given checkpoint
-    and world size, and different on every rank.
+    writes it once), stored as the UTF-8 bytes of its JSON in a uint8 tensor: no pickle. Loading at
+    the same world size restores each rank's own state exactly. At a different world size the old
+    streams cannot be mapped onto the new ranks, so every rank reseeds all generators from
+    `sha256(saved rank-0 state, new rank)`: deterministic for a given checkpoint and world size, and
+    different on every rank.
     """
 
+    def __init__(self) -> None:
+        self._load_size: int | None = None
+
+    def prepare_load(self, keys: Mapping[str, Any]) -> None:
+        if "json" not in keys:
+            raise CheckpointError(
+                "checkpoint holds no RNG state in this project's format (rng.json); it was written "
+                "by an older version"
+            )
+        self._load_size = int(keys["json"].size[0])
+
     def state_dict(self) -> dict[str, Any]:
+        if self._load_size is not None:  # template for a load
+            return {"json": torch.zeros(self._load_size, dtype=torch.uint8)}
         mine = _capture_rng()
         states = [mine]
         if _world_size() > 1:
-            states = [b""] * _world_size()
-            dist.all_gather_object(states, mine)
-        # One opaque blob, so that loading at another world size meets no per-rank key mismatch.
-        return {"world_size": _world_size(), "states": pickle.dumps(states)}
+            states = [None] * _world_size()
+            dist.all_gather_object(states, mine)  # in memory only; nothing pickled reaches the disk
+        blob = json.dumps({"world_size": _world_size(), "states": states}).encode("utf-8")
+        return {"json": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        states = pickle.loads(state_dict["states"])
-        if int(state_dict["world_size"]) == _world_size() and len(states) == _world_size():
+        self._load_size = None
+        saved = json.loads(bytes(state_dict["json"].numpy()).decode("utf-8"))
+        states = saved["states"]
+        if int(saved["world_size"]) == _world_size() and len(states) == _world_size():
             _restore_rng(states[_rank()])
         else:
             logger.warning(
                 "checkpoint was written by %d ranks, resuming on %d: RNG streams reseeded deterministically",
-                state_dict["world_size"],
+                saved["world_size"],
                 _world_size(),
             )
             _reseed_from(states[0], _rank())
@@ -273,12 +433,29 @@ class Checkpointer:
         """Load checkpoint directory `path` into `state` (collective); restores RNG last."""
         path = Path(path)
         if not (path / COMPLETE_MARKER).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} marker)")
         to_load: dict[str, Any] = dict(state)
         if self.save_rng:
             to_load[RNG_KEY] = RNGState()  # last, so it is restored after everything else
-        dcp.load(to_load, checkpoint_id=str(path))
+        _prepare_load(to_load, path)
+        try:
+            dcp.load(to_load, checkpoint_id=str(path))
+        except CheckpointException as err:  # a BaseException, raised on every rank alike
+            exc = next(iter(err.failures.values()))[0]
+            raise CheckpointError(f"{path} cannot be loaded into this run: {exc}") from err
+        except ValueError as err:  # a Stateful refusing its state (e.g. the sampler's dataset size)
+            raise CheckpointError(f"{path} cannot be loaded into this run: {err}") from err
         logger.info("loaded checkpoint %s", path)
+
+
+def _prepare_load(state: Mapping[str, Any], path: Path) -> None:
+    """Tell each entry with a `prepare_load` hook which of its keys the checkpoint holds (with their
+    storage metadata), so that its load template asks for exactly those, no more."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for name, obj in state.items():
+        if hasattr(obj, "prepare_load"):
+            prefix = f"{name}."
+            obj.prepare_load({k[len(prefix) :]: m for k, m in saved.items() if k.startswith(prefix)})
 
 
 def _write_marker(directory: Path, info: dict[str, Any]) -> None:
@@ -447,6 +624,8 @@ def read_run_model(path: str | Path, entry: str = "generator") -> dict[str, torc
     if entry not in RUN_ENTRIES and not entry.startswith("ema_"):
         raise ValueError(f"entry must be one of {sorted(RUN_ENTRIES)} or ema_<rate>, got {entry!r}")
     ckpt = resolve_checkpoint_dir(path)
+    if entry == "ema" or entry.startswith("ema_"):
+        _require_active_ema(ckpt)
     prefix = RUN_ENTRIES.get(entry, entry + ".")
     names = {
         k for k in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata if k.startswith(prefix)
@@ -459,6 +638,23 @@ def read_run_model(path: str | Path, entry: str = "generator") -> dict[str, torc
     return {k: v for k, v in nested.items() if isinstance(v, torch.Tensor)}
 
 
+def _require_active_ema(ckpt: Path) -> None:
+    """Before `ema_start_step` a run's EMA entry holds a placeholder (the initial weights), not an EMA."""
+    counters = read_run_counters(ckpt)
+    if counters.get("ema_active", True):
+        return
+    start: Any = "?"
+    config = ckpt.parent.parent / "config.yaml"  # <run>/checkpoints/step_X -> <run>/config.yaml
+    if config.is_file():
+        import yaml
+
+        start = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("ema_start_step", "?")
+    raise CheckpointError(
+        f"{ckpt} has no EMA weights yet: the run is at step {counters.get('step')} and its EMA starts at "
+        f"ema_start_step={start}; use the generator's weights (no --use_ema) or a later checkpoint"
+    )
+
+
 def read_run_counters(path: str | Path) -> dict[str, Any]:
     """The trainer's counters (`step`, `nan_skips`, `ema_active`) of a run's checkpoint."""
     ckpt = resolve_checkpoint_dir(path)
@@ -467,7 +663,8 @@ def read_run_counters(path: str | Path) -> dict[str, Any]:
         for k in dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
         if k.startswith("trainer.")
     }
-    return dict(_load_single_process(names, ckpt).get("trainer", {}))
+    counters = _load_single_process(names, ckpt).get("trainer", {})
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in counters.items()}
 
 
 def _load_single_process(names: set[str], ckpt: Path) -> dict[str, Any]:

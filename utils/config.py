@@ -8,7 +8,8 @@ Key names and meanings follow upstream Self-Forcing (`configs/default_config.yam
 * `real_name` / `fake_name` / `model_kwargs.model_name` (upstream folder names such as "Wan2.1-T2V-14B")
   select the model presets `real_score_model` / `fake_score_model` / `generator_model`;
 * keys upstream reads but never uses (`causal`, `ckpt_step`, `height`, ...) are dropped with a warning;
-* `wandb_key` / `wandb_host` are rejected: credentials come from the environment (`WANDB_API_KEY`).
+* `wandb_key` / `wandb_host` (credentials) are accepted and ignored with one warning: credentials
+  come from the environment (`WANDB_API_KEY`, `WANDB_BASE_URL`), never from a file.
 
 Unknown keys are errors that name the key, its source and the nearest valid key.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.errors import UserError
 from utils.lora import LORA_ROLES, parse_names
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration file or override is invalid; the message names the key and its source."""
 
 
@@ -159,6 +162,7 @@ class TrainConfig:
     ema_weight: Any = 0.99
     sample_ema_weight: float | None = None  # EMA rate used for sample videos; None = the first rate
     ema_start_step: int = 200  # EMA is (re)initialised from the generator at this step
+    max_nan_skips: int = 20  # stop with an error after this many consecutive skipped (non-finite) steps
 
     # --- systems ---------------------------------------------------------------------------------
     mixed_precision: bool = True  # bf16 parameters/compute, fp32 master weights and reductions
@@ -215,9 +219,10 @@ _FIXED_UPSTREAM_KEYS = {
     "backward_simulation": (True, "training always rolls the generator out (Self Forcing)"),
     "load_raw_video": (False, "encode videos into an LMDB of latents first"),
 }
+# Upstream's wandb login keys: shipped as placeholders in every upstream YAML, so accepted, but
+# ignored (one warning): credentials come from the environment only.
+_CREDENTIAL_KEYS = ("wandb_key", "wandb_host")
 _REJECTED_KEYS = {
-    "wandb_key": "wandb credentials come from the environment (WANDB_API_KEY), never from a config file",
-    "wandb_host": "wandb credentials come from the environment (WANDB_BASE_URL), never from a config file",
     "gen_lr": "upstream's GAN name for the generator learning rate; use 'lr'",
     "critic_lr": "upstream's GAN name for the critic learning rate; use 'lr_critic'",
 }
@@ -232,6 +237,7 @@ _COMPAT_KEYS = {
     *_IGNORED_UPSTREAM_KEYS,
     *_FIXED_UPSTREAM_KEYS,
     *_ALIASES,
+    *_CREDENTIAL_KEYS,
 }
 
 
@@ -332,8 +338,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"{key}='world-exact': the exact teacher has no weights to train; use it as real_score_model"
             )
+    _reject_non_finite(cfg)
     positive = {
         "batch_size": cfg.batch_size,
+        "max_nan_skips": cfg.max_nan_skips,
         "max_steps": cfg.max_steps,
         "log_iters": cfg.log_iters,
         "num_frame_per_block": cfg.num_frame_per_block,
@@ -450,7 +458,19 @@ def _validate_lora(cfg: TrainConfig) -> None:
 
 
 # Objectives with a trainable critic (fake score / discriminator).
-NEEDS_CRITIC = {"dmd": True, "sid": True, "causvid": True, "gan": True, "ode": False, "diffusion": False}
+NEEDS_CRITIC = {"dmd": True, "sid": True, "causvid": True, "gan": True, "ode": False, "diffusion": False,
+                "teacher_regression": False}
+
+
+def _reject_non_finite(node: Any, prefix: str = "") -> None:
+    """NaN or inf in any number (e.g. `guidance_scale=nan`) would train silently on garbage."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        values = value if isinstance(value, list) else [value]
+        if dataclasses.is_dataclass(value):
+            _reject_non_finite(value, f"{prefix}{f.name}.")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,6 +558,15 @@ def _preset_from_upstream_name(key: str, name: str) -> str:
 def _apply_upstream_compat(raw: dict[str, Any]) -> dict[str, Any]:
     """Rewrite upstream-only keys onto the schema (see the module docstring)."""
     raw = dict(raw)
+    credentials = sorted(k for k in _CREDENTIAL_KEYS if k in raw)
+    for key in credentials:
+        raw.pop(key)
+    if credentials:
+        logger.warning(
+            "config keys %s ignored: wandb credentials come from the environment "
+            "(WANDB_API_KEY, WANDB_BASE_URL), never from a config file",
+            credentials,
+        )
     for key, reason in _IGNORED_UPSTREAM_KEYS.items():
         if key in raw:
             logger.warning("config key %r ignored: %s", key, reason)

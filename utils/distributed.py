@@ -27,6 +27,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from utils.errors import UserError
+
 try:  # torch >= 2.6
     from torch.distributed.fsdp import (
         CPUOffloadPolicy,
@@ -193,6 +195,41 @@ def all_reduce_mean(metrics: Mapping[str, float], device: torch.device) -> dict[
         dist.all_reduce(values)
         values /= dist.get_world_size()
     return dict(zip(keys, values.tolist()))
+
+
+def all_reduce_mean_sparse(metrics: Mapping[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over the ranks that report them; ranks may report different keys
+    (e.g. per-timestep-bucket losses). Collective: every rank must call it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return {k: float(v) for k, v in metrics.items()}
+    key_sets: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(key_sets, sorted(metrics))
+    keys = sorted({k for ks in key_sets for k in ks})
+    if not keys:
+        return {}
+    values = [float(metrics.get(k, 0.0)) for k in keys] + [1.0 if k in metrics else 0.0 for k in keys]
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    sums, counts = totals[: len(keys)].tolist(), totals[len(keys) :].tolist()
+    return {k: s / c for k, s, c in zip(keys, sums, counts)}
+
+
+def raise_user_error_everywhere(error: BaseException | None) -> None:
+    """Collective: if any rank hit a `UserError` (passed as `error`), raise one on every rank.
+
+    Errors found by one rank only (rank 0 reads the weights) would otherwise leave the other ranks
+    waiting in a collective until the connection drops, with a misleading error of their own.
+    The rank that hit the error re-raises it; the others raise a `UserError` with its message.
+    """
+    message = None if error is None else str(error)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m is not None), None)
+    if error is not None:
+        raise error
+    if message is not None:
+        raise UserError(message)
 
 
 def resolve_seed(seed: int) -> int:

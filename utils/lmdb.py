@@ -35,6 +35,8 @@ import lmdb
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # LMDB reserves address space, not disk; the writer doubles it whenever a transaction runs out.
@@ -46,7 +48,7 @@ ROW_DTYPE = np.float16
 ArrayLike = np.ndarray | torch.Tensor
 
 
-class LMDBFormatError(ValueError):
+class LMDBFormatError(UserError, ValueError):
     """An LMDB dataset is missing, malformed, or does not match what the caller asked for."""
 
 
@@ -118,7 +120,7 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     try:
         return lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, subdir=True)
     except lmdb.Error as err:
-        raise LMDBFormatError(f"{path}: cannot open LMDB environment ({err})") from err
+        raise LMDBFormatError(f"{path / 'data.mdb'}: cannot open LMDB environment ({err})") from err
 
 
 # py-lmdb refuses to open one environment twice in a process, so readers of the same path share one
@@ -145,6 +147,26 @@ def _release_readonly(path: Path) -> None:
             del _SHARED_ENVS[key]
 
 
+def _check_not_truncated(env: lmdb.Environment, path: Path) -> None:
+    """Raise if data.mdb is shorter than the pages its meta page says are in use.
+
+    LMDB reads through a memory map: touching a page past the end of a truncated file (an
+    interrupted copy, a full disk) kills the process with SIGBUS instead of raising. The meta page
+    is read with a plain read when the environment opens, so this check itself is safe.
+    """
+    mdb = path / "data.mdb"
+    try:
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    except lmdb.Error as err:
+        raise LMDBFormatError(f"{mdb}: corrupt LMDB environment ({err})") from err
+    size = mdb.stat().st_size
+    if size < needed:
+        raise LMDBFormatError(
+            f"{mdb} is truncated: {size} bytes, but its pages in use need {needed} "
+            "(an interrupted copy or a full disk?); copy or rebuild the dataset"
+        )
+
+
 class _Shard:
     """One read-only environment: its committed row count and row shape."""
 
@@ -152,6 +174,7 @@ class _Shard:
         self.path = path
         env = _acquire_readonly(path)
         try:
+            _check_not_truncated(env, path)
             with env.begin() as txn:
                 latents_raw = txn.get(LATENTS_SHAPE_KEY)
                 prompts_raw = txn.get(PROMPTS_SHAPE_KEY)

@@ -112,6 +112,25 @@ class MetricsLogger:
                 dir=str(self.run_dir),
             )
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows of steps after `step` (a resumed run redoes them) and any torn last line,
+        so that metrics.jsonl holds every step once, with the values of the run that kept it."""
+        if not self.active:
+            return
+        self._file.close()
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line torn by a kill mid-write
+            if row_step <= step:
+                kept.append(line + "\n")
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".partial")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(self.metrics_path)
+        self._file = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record scalar metrics (floats, ints or one-element tensors) for `step`."""
         if not self.active:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -93,6 +93,33 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupDecay(warmup_steps, schedule, decay_steps, min_ratio)
     )
+
+
+def apply_base_lrs(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    base_lrs: Sequence[float],
+) -> None:
+    """Make `base_lrs` (this run's config, one per param group) the learning rates of an optimizer
+    (and its scheduler) just restored from a checkpoint, which brought back the old ones.
+
+    A group whose base rate changed has its current rate rescaled by new/old, so a multiplicative
+    schedule (warm-up, decay) continues from the same position at the new scale; unchanged groups
+    are left bit for bit as restored.
+    """
+    if len(base_lrs) != len(optimizer.param_groups):
+        raise ValueError(f"{len(base_lrs)} learning rates for {len(optimizer.param_groups)} param groups")
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, base_lrs)):
+        old = group.get("initial_lr", group["lr"]) if scheduler is not None else group["lr"]
+        if new == old:
+            continue
+        group["lr"] = group["lr"] * new / old if old != 0 else new
+        if "initial_lr" in group:
+            group["initial_lr"] = new
+        if scheduler is not None:
+            scheduler.base_lrs[i] = new
+    if scheduler is not None:
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def clip_grad_norm(module_or_params: nn.Module | Iterable[torch.Tensor], max_norm: float) -> float:

@@ -17,6 +17,7 @@ from tests.dist_helpers import CheckRecorder, ToyNet
 from utils.distributed import (
     DistInfo,
     all_reduce_mean,
+    all_reduce_mean_sparse,
     apply_activation_checkpointing,
     broadcast_object,
     broadcast_tensor,
@@ -25,10 +26,12 @@ from utils.distributed import (
     init_distributed,
     is_main_process,
     load_full_state_dict,
+    raise_user_error_everywhere,
     resolve_seed,
     set_gradient_sync,
     shard_model,
 )
+from utils.errors import UserError
 
 BATCH = 4
 
@@ -140,6 +143,26 @@ def check_broadcast(info: DistInfo) -> None:
     assert resolve_seed(123) == 123
 
 
+def check_sparse_metric_mean(info: DistInfo) -> None:
+    # Ranks report different keys (e.g. per-timestep-bucket losses): each key is the mean over the
+    # ranks that report it.
+    mine = {"a": 1.0, "b": 2.0} if info.rank == 0 else {"a": 3.0, "c": 5.0}
+    got = all_reduce_mean_sparse(mine, info.device)
+    assert got == {"a": 2.0, "b": 2.0, "c": 5.0}, got
+
+
+def check_user_error_everywhere(info: DistInfo) -> None:
+    # A UserError seen by rank 1 only is raised on every rank, with its message.
+    error = UserError("data.mdb is truncated") if info.rank == 1 else None
+    try:
+        raise_user_error_everywhere(error)
+    except UserError as err:
+        assert str(err) == "data.mdb is truncated", err
+    else:
+        raise AssertionError("no error raised")
+    raise_user_error_everywhere(None)  # nothing anywhere: nothing raised
+
+
 class BufferedNet(ToyNet):
     """ToyNet with a non-persistent buffer that the meta path must rebuild through the hook."""
 
@@ -215,6 +238,8 @@ def main() -> None:
     rec.run("broadcast", lambda: check_broadcast(info))
     rec.run("meta_load", lambda: check_meta_load(info))
     rec.run("gradient_sync", lambda: check_gradient_sync(info))
+    rec.run("sparse_metric_mean", lambda: check_sparse_metric_mean(info))
+    rec.run("user_error_everywhere", lambda: check_user_error_everywhere(info))
     rec.write()
     cleanup()
 
