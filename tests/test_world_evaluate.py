@@ -212,3 +212,16 @@ def test_format_table_renders_one_row_per_summary():
         "| data | 1.000 | 0.000 | 64/64/64 |",
         "| again | 1.000 | 0.000 | 64/64/64 |",
     ]
+
+
+def test_specks_are_not_objects_but_fragments_are():
+    """Stray pixels below a quarter of a footprint are sampling noise; a 6-px fragment is a second object."""
+    prompt = Prompt("red", "square", "down", "slow")
+    clip = _draw(0, "red", [[("square", y, x)] for y, x in trajectory(prompt, 12)])
+    red = torch.tensor(COLOURS["red"]).view(3, 1, 1) * 2 - 1
+    speck, fragment = clip.clone(), clip.clone()
+    speck[4, :, 0, 0:2] = red[:, 0]  # 2 px in a corner
+    fragment[4, :, 0, 0:3] = red[:, 0]
+    fragment[4, :, 1, 0:3] = red[:, 0]  # 6 px
+    result = evaluate(torch.stack([clip, speck, fragment]), [prompt] * 3)
+    assert [s.coherent for s in result.samples] == [True, True, False]

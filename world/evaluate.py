@@ -58,6 +58,11 @@ SIZE_TOLERANCE = (max(FOOTPRINT_SIZES) - min(FOOTPRINT_SIZES)) // 2
 # step); one extra pixel absorbs centroid jitter of imperfect footprints. Larger jumps = teleports.
 MAX_JUMP = max(SPEEDS.values()) + 1
 
+# Components smaller than this are specks, not objects: a quarter of the smaller footprint (5 px),
+# so a few stray pixels from sampling noise do not count as a second object, while any fragment
+# big enough to read as a shape does (a second object, or one split in two, stays incoherent).
+MIN_OBJECT_PIXELS = min(FOOTPRINT_SIZES) // 4
+
 # A (direction, speed) hypothesis explains the motion only if the decoded centres lie within one
 # pixel of its trajectory on average, i.e. within one frame of slow motion. Otherwise the motion is
 # decoded as None (e.g. an object that stops has neither a direction nor a speed).
@@ -284,7 +289,7 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
     counts = torch.zeros(labels.shape[0], SIZE * SIZE + 1, dtype=torch.long)
     counts.scatter_add_(1, labels.flatten(1), torch.ones_like(labels.flatten(1)))
     counts[:, 0] = 0
-    components = (counts > 0).sum(1)
+    components = (counts >= MIN_OBJECT_PIXELS).sum(1)
     size, main_label = counts.max(1)
     main = (labels == main_label[:, None, None]) & (size > 0)[:, None, None]
 
