@@ -79,9 +79,12 @@ def export(
         critic = read_run_model(source, "critic")
     except KeyError:
         critic = None  # objectives without a critic (ode, diffusion)
-    emas = run_ema_entries(source) if counters.get("ema_active") else {}  # rate -> checkpoint entry
-    if not counters.get("ema_active"):  # before ema_start_step: upstream's files then have no EMA either
-        logger.warning("%s: EMA has not started (step %s); exporting without generator_ema", source, counters.get("step"))
+    emas = run_ema_entries(source)  # rate -> checkpoint entry (none when the run keeps no EMA)
+    if emas and not counters.get("ema_active"):  # before ema_start_step: upstream's files have no EMA either
+        logger.warning(
+            "%s: EMA has not started (step %s); exporting without generator_ema", source, counters.get("step")
+        )
+        emas = {}
     ema_sds = {rate: read_run_model(source, name) for rate, name in emas.items()}
     chosen = None  # the rate that goes into model.pt's generator_ema
     if emas:
