@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from utils.checkpoint import (
+    CheckpointError,
     export_upstream_pt,
     read_run_counters,
     read_run_model,
@@ -81,9 +82,10 @@ def export(
         critic = None  # objectives without a critic (ode, diffusion)
     emas = run_ema_entries(source)  # rate -> checkpoint entry (none when the run keeps no EMA)
     if emas and not counters.get("ema_active"):  # before ema_start_step: upstream's files have no EMA either
-        logger.warning(
-            "%s: EMA has not started (step %s); exporting without generator_ema", source, counters.get("step")
-        )
+        try:  # the checkpoint's own refusal names ema_start_step and the run's step
+            read_run_model(source, next(iter(emas.values())))
+        except CheckpointError as err:
+            logger.warning("%s; exporting without generator_ema", err)
         emas = {}
     ema_sds = {rate: read_run_model(source, name) for rate, name in emas.items()}
     chosen = None  # the rate that goes into model.pt's generator_ema
