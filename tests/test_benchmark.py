@@ -32,7 +32,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path, capsys):
     meta = data["meta"]
     assert meta["tokens"] == 6 * 4 * 4 and meta["backends"] == {
         "attention": "sdpa",
-        "block_mask": "sdpa-dense-mask",
+        "block_mask": "sdpa-chunked",
     }
     assert meta["matmul_peak_gflops"] > 0
     blocks = 6 // 3
@@ -55,7 +55,7 @@ def test_benchmark_tiny_writes_every_row(tmp_path, capsys):
     # --compare reads the JSON back and prints old times and the speedup for every row
     benchmark.main([*argv, "--rows", "bidirectional_forward", "--compare", str(out)])
     table = capsys.readouterr().out
-    assert "speedup" in table and "matmul peak" in table and "sdpa-dense-mask" in table
+    assert "speedup" in table and "matmul peak" in table and "sdpa-chunked" in table
 
 
 def test_benchmark_flops_of_a_linear_match_the_formula():

@@ -28,7 +28,7 @@ class CausalWanModel(WanBackbone):
         local_attn_size: attention window in latent frames (-1: attend to everything before).
         sink_size: frames at the start of the video that stay inside every window.
         independent_first_frame: chunk layout `[1, N, N, ...]` (image-to-video).
-        attn_backend: block-mask kernel: "auto" (flex on CUDA, dense SDPA elsewhere), "flex", "sdpa".
+        attn_backend: block-mask kernel: "auto" (flex on CUDA, block-sparse SDPA elsewhere), "flex", "sdpa".
     """
 
     def __init__(
