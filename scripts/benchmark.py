@@ -17,11 +17,13 @@ Rows (each: median, min and max seconds over `--repeats` runs after `--warmup` r
   critic_step            one critic-only step (the other dfake_gen_update_ratio - 1 steps of a cycle)
   dmd_step_avg           derived: (dmd_step + (ratio - 1) * critic_step) / ratio, the mean step time
 
+A row whose weights, gradients and AdamW states alone would not fit in free memory is reported as
+skipped (the 1.3B DMD rows on a CPU machine); the 1.3B on CPU defaults to one timed repeat.
 The training steps roll out every block to its last denoising step (the costliest exit draw) so that
 repeats do the same work. The teacher has the generator's geometry (the shipped one is the 14B).
 
-FLOPs are counted once per row with `torch.utils.flop_counter.FlopCounterMode` (plus the CPU flash
-SDPA kernels it does not know), so recomputation under checkpointing counts as work done. GFLOP/s is
+FLOPs are counted in each row's first warm-up run with `torch.utils.flop_counter.FlopCounterMode` (plus
+the CPU flash SDPA kernels it does not know), so recomputation under checkpointing counts as work done. GFLOP/s is
 FLOPs / median time; "peak" is the best of a square matmul measured here with the same threads/dtype.
 
 Peak memory: on CUDA `max_memory_allocated` over the timed repeats; on CPU the peak resident set size
@@ -353,13 +355,50 @@ def _dmd_bench(
     return Bench(run_critic, f"one in {cfg.dfake_gen_update_ratio} steps also trains the generator")
 
 
+# Copies of the weights each row holds: networks, gradients and AdamW's two moments (dmd_step builds
+# generator, teacher and critic; critic_step never creates the generator's gradients or moments).
+WEIGHT_COPIES = {
+    "bidirectional_forward": 1,
+    "rollout_video": 1,
+    "rollout_block": 1,
+    "train_fwd_bwd": 2,
+    "train_fwd_bwd_ckpt": 2,
+    "dmd_step": 9,
+    "critic_step": 6,
+}
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def memory_check(name: str, geom: Geometry, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why row `name` cannot fit here (weights, gradients and optimizer states alone), or None."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in WanModel(geom.wan).parameters())
+    need = WEIGHT_COPIES[name] * params * torch.finfo(dtype).bits // 8
+    have = _available_bytes(device)
+    if need > 0.9 * have:
+        return f"skipped: needs {need / 2**30:.1f} GiB of weights/grads/AdamW states, {have / 2**30:.1f} GiB free"
+    return None
+
+
 def measure_row(name: str, geom: Geometry, dtype, device, warmup: int, repeats: int) -> dict[str, Any]:
+    """Build row `name`, count its FLOPs in the first warm-up run, then time `repeats` runs."""
+    skipped = memory_check(name, geom, dtype, device)
+    if skipped:
+        return {"row": name, "skipped": skipped}
     torch.manual_seed(0)
     bench = build_row(name, geom, dtype, device)
-    for _ in range(warmup):
-        bench.run()
-    _sync(device)
     flops = count_flops(bench.run) / bench.items_per_run
+    for _ in range(warmup - 1):
+        bench.run()
     _sync(device)
     base = _reset_peak(device)
     times: list[float] = []
@@ -385,7 +424,7 @@ def measure_row(name: str, geom: Geometry, dtype, device, warmup: int, repeats: 
 
 
 def derived_rows(rows: list[dict[str, Any]], ratio: int) -> list[dict[str, Any]]:
-    by = {r["row"]: r for r in rows}
+    by = {r["row"]: r for r in rows if "skipped" not in r}
     if "dmd_step" not in by or "critic_step" not in by:
         return []
     d, c = by["dmd_step"], by["critic_step"]
@@ -456,6 +495,9 @@ def print_table(meta: dict[str, Any], rows: list[dict[str, Any]], old: dict[str,
     cols += f"{'base MiB':>10}" + (f"{'old ms':>10}{'speedup':>9}{'old MiB':>9}" if old else "") + "  note"
     print(cols)
     for r in rows:
+        if "skipped" in r:
+            print(f"{r['row']:<22}{r['skipped']}")
+            continue
         line = (
             f"{r['row']:<22}{r['median_s'] * 1e3:>11.1f}{r['min_s'] * 1e3:>9.1f}{r['max_s'] * 1e3:>9.1f}"
             f"{r['gflop']:>9.2f}{r['gflops']:>9.1f}{100 * r['gflops'] / peak:>6.0f}%"
@@ -465,7 +507,7 @@ def print_table(meta: dict[str, Any], rows: list[dict[str, Any]], old: dict[str,
             o = old_rows.get(r["row"])
             line += (
                 f"{o['median_s'] * 1e3:>10.1f}{o['median_s'] / r['median_s']:>8.2f}x{o['peak_mem_mb']:>9.0f}"
-                if o
+                if o and "skipped" not in o
                 else f"{'-':>10}{'-':>9}{'-':>9}"
             )
         print(line + f"  {r['note']}")
@@ -481,8 +523,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per row; the first counts FLOPs")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; 1 for the 1.3B on CPU)")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--json", type=Path, default=None, help="write the header and rows here")
     p.add_argument(
@@ -503,8 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rows = rows
     if args.isolate is None:
         args.isolate = torch.device(args.device).type == "cpu"
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    big_on_cpu = args.geometry == "wan2.1-t2v-1.3b" and torch.device(args.device).type == "cpu"
+    if args.repeats is None:
+        args.repeats = 1 if big_on_cpu else 5
+    if args.repeats < 1 or args.warmup < 1:
+        p.error("--repeats and --warmup must be >= 1 (the first warm-up run counts FLOPs)")
     return args
 
 

@@ -25,7 +25,7 @@ FIELDS = {
 
 def test_benchmark_tiny_writes_every_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    argv = ["--geometry", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-isolate"]
+    argv = ["--geometry", "tiny", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-isolate"]
     benchmark.main([*argv, "--json", str(out)])
     data = json.loads(out.read_text())
     assert [r["row"] for r in data["rows"]] == [*benchmark.ROWS, *benchmark.DERIVED]
@@ -71,7 +71,7 @@ def test_benchmark_flops_of_a_linear_match_the_formula():
 def test_benchmark_isolated_row_reports_peak_rss(tmp_path):
     # A fresh process per row: its peak RSS includes at least the interpreter and torch.
     out = tmp_path / "bench.json"
-    argv = ["--geometry", "tiny", "--repeats", "1", "--warmup", "0", "--threads", "1"]
+    argv = ["--geometry", "tiny", "--repeats", "1", "--warmup", "1", "--threads", "1"]
     benchmark.main([*argv, "--isolate", "--rows", "bidirectional_forward", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["row"] == "bidirectional_forward" and row["peak_mem_mb"] >= row["base_mem_mb"] > 50
