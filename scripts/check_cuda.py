@@ -7,7 +7,7 @@
    the real head geometry (12 x 128) on a few layers and 1560 tokens per frame; forward and backward.
 2. flash-attn (when installed) vs SDPA for unmasked attention.
 3. NCCL with one process: FSDP2 sharding, mixed precision, forward/backward of a tiny generator.
-4. `scripts/benchmark_model.py` on the 1.3B geometry with random weights.
+4. `scripts/benchmark.py` on the 1.3B geometry with random weights, bf16.
 Prints one line per check and exits non-zero if any fails.
 """
 
@@ -100,11 +100,9 @@ def main() -> int:
             failed += 1
             print(f"[FAIL] {check.__name__}: {type(err).__name__}: {err}", flush=True)
     if not args.no_bench:
-        bench = Path(__file__).with_name("benchmark_model.py")
-        failed += (
-            subprocess.call([sys.executable, str(bench), "--preset", "wan2.1-t2v-1.3b", "--dtype", "bf16"])
-            != 0
-        )
+        bench = Path(__file__).with_name("benchmark.py")
+        cmd = [sys.executable, str(bench), "--geometry", "wan2.1-t2v-1.3b", "--dtype", "bf16"]
+        failed += subprocess.call(cmd) != 0
     return 1 if failed else 0
 
 

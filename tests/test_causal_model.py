@@ -7,7 +7,8 @@ import torch
 
 from tests.wan_helpers import randomize_
 from wan import CausalWanModel, CrossAttentionCache, KVCache, WanConfig
-from wan.masks import block_causal_frame_mask, dense_token_mask, teacher_forcing_frame_mask
+from wan.attention import attention
+from wan.masks import block_causal_frame_mask, chunked_mask, dense_token_mask, teacher_forcing_frame_mask
 
 TINY = WanConfig.preset("tiny")
 
@@ -66,6 +67,46 @@ def test_local_window_mask_matches_rule(frames, n, local, sink):
 def test_teacher_forcing_mask_matches_rule(frames, n):
     ours = dense_token_mask(teacher_forcing_frame_mask(frames, n), 2, torch.device("cpu"))
     assert torch.equal(ours, reference_teacher_forcing_mask(frames, 2, n))
+
+
+CHUNKED_CASES = [
+    ("causal", (6, 3, False, -1, 0)),
+    ("causal", (7, 3, True, -1, 0)),
+    ("causal", (5, 1, False, -1, 0)),
+    ("causal", (9, 3, False, 6, 0)),
+    ("causal", (12, 3, False, 5, 2)),  # sink + window: two key runs per chunk
+    ("teacher_forcing", (6, 2)),  # clean context + own noisy chunk: two key runs
+]
+
+
+@pytest.mark.parametrize("kind, args", CHUNKED_CASES)
+def test_chunked_attention_equals_dense_masked_sdpa(kind, args):
+    # Block-sparse attention (one unmasked SDPA per chunk) against SDPA with the token-level reference
+    # mask, forward and backward.
+    tpf = 3
+    if kind == "causal":
+        frames, n, iff, local, sink = args
+        chunks = chunked_mask(block_causal_frame_mask(frames, n, iff, local, sink), tpf)
+        ref_mask = reference_causal_mask(frames, tpf, n, iff, local, sink)
+    else:
+        frames, n = args
+        chunks = chunked_mask(teacher_forcing_frame_mask(frames, n), tpf)
+        ref_mask = reference_teacher_forcing_mask(frames, tpf, n)
+    g = torch.Generator().manual_seed(0)
+    length = ref_mask.shape[0]
+    q, k, v = (torch.randn(2, length, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    w = torch.randn(2, length, 2, 8, generator=g)
+    ours = attention(q, k, v, chunks)
+    grads = torch.autograd.grad((ours * w).sum(), (q, k, v))
+    tr = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    ref = torch.nn.functional.scaled_dot_product_attention(*tr, attn_mask=ref_mask).transpose(1, 2)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    # every query is covered once, in order
+    starts = [c[0].start for c in chunks.chunks]
+    assert starts[0] == 0 and chunks.chunks[-1][0].stop == length and starts == sorted(set(starts))
 
 
 def test_frames_not_splitting_into_blocks_is_a_clear_error():

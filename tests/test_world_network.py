@@ -51,7 +51,7 @@ def test_zero_init_gates_make_every_block_the_identity():
     text = torch.randn(2, WORLD.text_len, WORLD.dim)
     from wan.modules import Rope
 
-    rope = Rope(rope_angles(WORLD, 4, 4, 4, 0, "cpu"))
+    rope = Rope.for_grid(WORLD, (4, 4, 4), 0, "cpu", torch.float32)
     x = torch.randn(2, 64, WORLD.dim)
     block = model.blocks[0]
     # the cross-attention has no gate (spec §1.3): identity up to that residual only

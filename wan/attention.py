@@ -2,8 +2,10 @@
 
 The backend for unmasked attention is chosen once per device type and logged once: flash-attn when it
 is installed and the tensors live on CUDA in a half dtype, SDPA otherwise. Block-sparse masks use
-FlexAttention (compiled) on CUDA; everywhere else an exactly equivalent dense boolean mask goes
-through SDPA (flex has no CPU backward).
+FlexAttention (compiled) on CUDA; everywhere else (flex has no CPU backward) a `ChunkedMask` runs one
+unmasked SDPA call per chunk of queries over exactly the keys that chunk may see: the same softmax as
+a dense boolean mask, without computing the masked-out scores (about 40% of them for 7 causal blocks).
+A dense boolean mask is still accepted.
 
 All tensors here are `[B, L, H, D]` (batch, tokens, heads, head dim).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +49,7 @@ def flash_available(q: torch.Tensor) -> bool:
 def describe_backends(device: torch.device) -> dict[str, str]:
     """What attention kernels run on `device`: unmasked attention and block-causal attention."""
     dense = "flash-attn" if (_flash_attn_func is not None and device.type == "cuda") else "sdpa"
-    masked = "flex" if flex_available(device) else "sdpa-dense-mask"
+    masked = "flex" if flex_available(device) else "sdpa-chunked"
     return {"attention": dense, "block_mask": masked}
 
 
@@ -63,6 +66,32 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@dataclass(frozen=True)
+class ChunkedMask:
+    """A block-sparse mask as `(query token slice, key token slices)` chunks.
+
+    Every query of a chunk may attend to exactly the keys in its slices (and to no other key); the
+    chunks cover the queries in order. Built from frame-level rules by `wan.masks.chunked_mask`.
+    """
+
+    chunks: tuple[tuple[slice, tuple[slice, ...]], ...]
+
+
+def _chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: ChunkedMask) -> torch.Tensor:
+    outs = []
+    for q_sl, k_sls in mask.chunks:
+        if len(k_sls) == 1:  # a contiguous key range: views, no copy
+            kc, vc = k[:, k_sls[0]], v[:, k_sls[0]]
+        else:
+            kc = torch.cat([k[:, sl] for sl in k_sls], dim=1)
+            vc = torch.cat([v[:, sl] for sl in k_sls], dim=1)
+        out = F.scaled_dot_product_attention(
+            q[:, q_sl].transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+        )
+        outs.append(out.transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -73,8 +102,8 @@ def attention(
 
     Args:
         q: `[B, Lq, H, D]`; k, v: `[B, Lk, H, D]`.
-        mask: None (full attention), a boolean `[Lq, Lk]` tensor (True = may attend) or a FlexAttention
-            `BlockMask` over the same lengths.
+        mask: None (full attention), a `ChunkedMask`, a boolean `[Lq, Lk]` tensor (True = may attend)
+            or a FlexAttention `BlockMask` over the same lengths.
     Returns:
         `[B, Lq, H, D]` in q's dtype.
     """
@@ -85,6 +114,9 @@ def attention(
         _report("attention", "sdpa")
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return out.transpose(1, 2)
+    if isinstance(mask, ChunkedMask):
+        _report("block_mask", "sdpa-chunked")
+        return _chunked_attention(q, k, v, mask)
     if BlockMask is not None and isinstance(mask, BlockMask):
         _report("block_mask", "flex")
         fn = _compiled_flex() if q.is_cuda else flex_attention

@@ -17,7 +17,7 @@ import torch
 from .cache import CrossAttentionCache, KVCache
 from .config import WanConfig
 from .masks import MaskCache, block_causal_frame_mask, teacher_forcing_frame_mask, use_flex_for
-from .modules import Rope, WanBackbone, frame_timesteps, rope_angles
+from .modules import Rope, WanBackbone, frame_timesteps
 
 
 class CausalWanModel(WanBackbone):
@@ -28,7 +28,7 @@ class CausalWanModel(WanBackbone):
         local_attn_size: attention window in latent frames (-1: attend to everything before).
         sink_size: frames at the start of the video that stay inside every window.
         independent_first_frame: chunk layout `[1, N, N, ...]` (image-to-video).
-        attn_backend: block-mask kernel: "auto" (flex on CUDA, dense SDPA elsewhere), "flex", "sdpa".
+        attn_backend: block-mask kernel: "auto" (flex on CUDA, block-sparse SDPA elsewhere), "flex", "sdpa".
     """
 
     def __init__(
@@ -92,7 +92,7 @@ class CausalWanModel(WanBackbone):
         tokens, grid = self.embed_video(x)
         frames, tpf = grid[0], grid[1] * grid[2]
         t = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)[:, :: self.config.patch_size[0]]
-        rope = Rope(rope_angles(self.config, *grid, start_frame=0, device=x.device))
+        rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
         use_flex = use_flex_for(x.device, self.attn_backend)
         window = (self.local_attn_size, self.sink_size)
         if clean_x is None:
@@ -147,7 +147,7 @@ class CausalWanModel(WanBackbone):
             )
         t = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)[:, :: self.config.patch_size[0]]
         e, e0 = self.embed_time(t)
-        rope = Rope(rope_angles(self.config, *grid, start_frame=start_frame, device=x.device))
+        rope = Rope.for_grid(self.config, grid, start_frame, x.device, tokens.dtype)
         # Text K/V: reuse the cache in no-grad calls; differentiable calls recompute so that gradients
         # reach the text path (text_embedding and the cross-attention k/v projections).
         grad = torch.is_grad_enabled()

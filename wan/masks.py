@@ -1,8 +1,9 @@
 """Block-causal attention masks for the causal Wan model (spec §2.2).
 
 Every rule is stated once at *frame* level (`[Fq, Fk]` booleans); a token may attend to another iff
-their frames may. The dense SDPA path expands the frame mask to tokens, the FlexAttention path looks it
-up inside `mask_mod`, so both backends use the same rule by construction.
+their frames may. The SDPA path turns the frame mask into chunks of query tokens with their allowed key
+ranges (`chunked_mask`), the FlexAttention path looks it up inside `mask_mod`, and `dense_token_mask`
+expands it to tokens; all backends use the same rule by construction.
 
 Rule (no window): a frame sees every frame of its own chunk (bidirectional inside a chunk) and all
 earlier chunks. With a local window of `L` frames and `S` sink frames, a frame whose chunk ends at
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import create_block_mask, flex_available
+from .attention import ChunkedMask, create_block_mask, flex_available
 
 
 def chunk_sizes(num_frames: int, num_frame_per_block: int, independent_first_frame: bool) -> list[int]:
@@ -92,6 +93,39 @@ def dense_token_mask(frame_mask: torch.Tensor, tokens_per_frame: int, device: to
     return torch.kron(frame_mask.to(torch.uint8), ones.to(torch.uint8)).bool().to(device)
 
 
+def _runs(allowed: list[bool]) -> list[tuple[int, int]]:
+    """`[start, end)` runs of consecutive True entries."""
+    runs, start = [], None
+    for i, ok in enumerate([*allowed, False]):
+        if ok and start is None:
+            start = i
+        elif not ok and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def chunked_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> ChunkedMask:
+    """The same rule as `dense_token_mask`, as chunks for block-sparse SDPA.
+
+    Consecutive query frames whose rows of the frame mask are equal form one chunk (a block of a
+    block-causal mask); its keys are the runs of allowed key frames, as token slices.
+    """
+    tpf = tokens_per_frame
+    rows = [tuple(bool(v) for v in row) for row in frame_mask.tolist()]
+    chunks = []
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[start]:
+            runs = _runs(list(rows[start]))
+            if not runs:
+                raise ValueError(f"frame {start} of the mask may attend to no frame")
+            keys = tuple(slice(a * tpf, b * tpf) for a, b in runs)
+            chunks.append((slice(start * tpf, i * tpf), keys))
+            start = i
+    return ChunkedMask(tuple(chunks))
+
+
 def flex_block_mask(frame_mask: torch.Tensor, tokens_per_frame: int, device: torch.device):
     """FlexAttention `BlockMask` for the same rule (looked up from the frame mask)."""
     fm = frame_mask.to(device)
@@ -134,7 +168,7 @@ class MaskCache:
             if use_flex:
                 self._entries[full_key] = flex_block_mask(frame_mask, tokens_per_frame, device)
             else:
-                self._entries[full_key] = dense_token_mask(frame_mask, tokens_per_frame, device)
+                self._entries[full_key] = chunked_mask(frame_mask, tokens_per_frame)
         return self._entries[full_key]
 
 

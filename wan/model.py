@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import WanConfig
-from .modules import Rope, WanBackbone, frame_timesteps, rope_angles
+from .modules import Rope, WanBackbone, frame_timesteps
 
 
 class WanModel(WanBackbone):
@@ -43,7 +43,7 @@ class WanModel(WanBackbone):
         t = t[:, None] if t.dim() == 1 else frame_timesteps(t, b, f)[:, :: self.config.patch_size[0]]
         e, e0 = self.embed_time(t)
         text = self.embed_text(context)
-        rope = Rope(rope_angles(self.config, *grid, start_frame=0, device=x.device))
+        rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
         # 2. blocks
         hidden = []
         for i in range(len(self.blocks)):
