@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 import statistics
 import sys
@@ -37,7 +36,7 @@ from utils.checkpoint import read_run_model, select_ema_entry
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
 from utils.distributed import barrier, distributed_session
-from utils.errors import USER_ERROR_EXIT_CODE, UserError
+from utils.errors import UserError, exit_code_of
 from utils.logging import setup_logging, video_to_uint8
 from utils.lora import (
     LoraSpec,
@@ -341,13 +340,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 a user error (one message, rank 0); anything else keeps its traceback."""
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT_CODE
-    return 0
+    return exit_code_of(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import gc
 import hashlib
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -72,7 +71,7 @@ from utils.distributed import (
     shard_model,
 )
 from utils.ema import EMA, ema_entry_names
-from utils.errors import USER_ERROR_EXIT_CODE, UserError
+from utils.errors import UserError, exit_code_of
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.lora import add_lora, train_adapters_only
 from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
@@ -282,7 +281,12 @@ class Trainer:
         cfg = self.cfg
         step = None
         if cfg.resume:
-            base_lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in self._optimizers_by_name()}
+            # This run's configured rates: a scheduler keeps them as `initial_lr` (its `lr` is already
+            # scaled by the schedule's factor at step 0, e.g. a warm-up's).
+            base_lrs = {
+                name: [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+                for name, opt in self._optimizers_by_name()
+            }
             step = self.checkpointer.load_latest(self._checkpoint_state())
             for name, opt in self._optimizers_by_name():
                 apply_base_lrs(opt, self.lr_schedulers.get(name), base_lrs[name])
@@ -714,13 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 a user error (config, data, checkpoint: one message, from rank 0 only);
     anything else is a bug and keeps its traceback."""
     args = parse_args(argv)
-    try:
-        run(args)
-    except UserError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT_CODE
-    return 0
+    return exit_code_of(lambda: run(args))
 
 
 if __name__ == "__main__":

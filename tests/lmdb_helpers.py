@@ -22,3 +22,17 @@ def write_upstream_env(
         txn.put(b"latents_shape", shape.encode())
         txn.put(b"prompts_shape", (shape if full_prompt_shape else str(len(prompts))).encode())
     env.close()
+
+
+def write_toy_ode_lmdb(path: Path) -> Path:
+    """8 seeded rows `[K+1=5, F=6, C=4, 8, 8]` in our LMDB layout (the tiny configs' shapes): ODE
+    trajectories for `trainer: ode`, and clean latents via `row[-1]` for the latent objectives."""
+    import torch
+
+    from utils.lmdb import LMDBWriter
+
+    g = torch.Generator().manual_seed(0)
+    with LMDBWriter(path) as writer:
+        for i in range(8):
+            writer.write(f"toy prompt {i}", torch.randn(5, 6, 4, 8, 8, generator=g))
+    return path

@@ -24,7 +24,8 @@ from tests.test_train import ROOT, _cmd, load_checkpoint, metrics, weights
 from utils.checkpoint import Checkpointer
 from utils.config import load_config
 from utils.errors import USER_ERROR_EXIT_CODE
-from utils.lmdb import LMDBWriter
+
+from .lmdb_helpers import write_toy_ode_lmdb
 
 QUIET = ["sample_every=0", "wandb_mode=disabled"]
 
@@ -33,11 +34,7 @@ QUIET = ["sample_every=0", "wandb_mode=disabled"]
 def toy_lmdb(tmp_path_factory) -> Path:
     """ODE-trajectory rows [K+1=5, F=6, C=4, 8, 8]: ODE data, and clean latents via row[-1]."""
     path = tmp_path_factory.mktemp("data") / "toy_ode"
-    g = torch.Generator().manual_seed(0)
-    with LMDBWriter(path) as writer:
-        for i in range(8):
-            writer.write(f"toy prompt {i}", torch.randn(5, 6, 4, 8, 8, generator=g))
-    return path
+    return write_toy_ode_lmdb(path)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ import torch
 from tests.dist_helpers import subprocess_env
 from tests.test_train import ROOT, _cmd, load_checkpoint, metrics, train
 from tests.wan_helpers import diffusers_twin, randomize_
-from utils.lmdb import LMDBWriter
 from utils.lora import (
     LoraSpec,
     LoraWeights,
@@ -32,6 +31,8 @@ from utils.lora import (
 )
 from wan import CausalWanModel, WanConfig, WanModel
 from wan.toy import toy_dit_state_dict
+
+from .lmdb_helpers import write_toy_ode_lmdb
 
 TINY = WanConfig.preset("tiny")
 LORA = ["lora_rank=4", "lora_alpha=8", "wandb_mode=disabled"]
@@ -67,11 +68,7 @@ def _check_optimizer_holds_adapters_only(ckpt: dict, role: str) -> None:
 @pytest.fixture(scope="module")
 def ode_lmdb(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "toy_ode"
-    g = torch.Generator().manual_seed(0)
-    with LMDBWriter(path) as writer:
-        for i in range(8):
-            writer.write(f"toy prompt {i}", torch.randn(5, 6, 4, 8, 8, generator=g))
-    return path
+    return write_toy_ode_lmdb(path)
 
 
 @pytest.fixture(scope="module")

@@ -277,7 +277,7 @@ def test_bad_window_and_missing_keys_are_named():
 # factory and roles
 # ----------------------------------------------------------------------------------------------
 def test_factory_names_and_errors():
-    assert set(OBJECTIVES) == {"dmd", "sid", "gan", "ode", "diffusion", "causvid"}
+    assert set(OBJECTIVES) == {"dmd", "sid", "gan", "ode", "diffusion", "causvid", "teacher_regression"}
     with pytest.raises(KeyError, match="dmd"):
         build_objective("dmdd")
     gen = _generator()

@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from tests.dist_helpers import free_port, subprocess_env
 from utils.lmdb import LMDBWriter
 
+from .lmdb_helpers import write_toy_ode_lmdb
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["max_steps=3", "log_iters=3", "sample_every=0", "wandb_mode=disabled"]
 
@@ -91,11 +93,7 @@ def metrics(logdir: Path) -> list[dict]:
 def toy_lmdb(tmp_path_factory) -> Path:
     """ODE-trajectory rows [K+1=5, F=6, C=4, 8, 8] (LMDB): ODE data, and clean latents via row[-1]."""
     path = tmp_path_factory.mktemp("data") / "toy_ode"
-    g = torch.Generator().manual_seed(0)
-    with LMDBWriter(path) as writer:
-        for i in range(8):
-            writer.write(f"toy prompt {i}", torch.randn(5, 6, 4, 8, 8, generator=g))
-    return path
+    return write_toy_ode_lmdb(path)
 
 
 # ------------------------------------------------------------------------------------------------

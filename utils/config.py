@@ -458,8 +458,15 @@ def _validate_lora(cfg: TrainConfig) -> None:
 
 
 # Objectives with a trainable critic (fake score / discriminator).
-NEEDS_CRITIC = {"dmd": True, "sid": True, "causvid": True, "gan": True, "ode": False, "diffusion": False,
-                "teacher_regression": False}
+NEEDS_CRITIC = {
+    "dmd": True,
+    "sid": True,
+    "causvid": True,
+    "gan": True,
+    "ode": False,
+    "diffusion": False,
+    "teacher_regression": False,
+}
 
 
 def _reject_non_finite(node: Any, prefix: str = "") -> None:
