@@ -9,17 +9,15 @@ EMA and cosine formulas written out here, gradients without offload.
 from __future__ import annotations
 
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.dist_helpers import subprocess_env
-from tests.test_train import ROOT, _cmd, load_checkpoint, metrics, train
+from tests.test_train import ROOT, _cmd, kill_after_checkpoint, load_checkpoint, metrics, train
 from tests.wan_helpers import diffusers_twin, randomize_
 from utils.lora import (
     LoraSpec,
@@ -413,19 +411,7 @@ def test_lora_resume_after_kill_is_bitwise_exact_with_ema_rates_and_cosine_lr(tm
     common += ["lr_decay_steps=4", "lr_min=1e-5", "lr_min_critic=2e-6", "sample_every=0"]
     train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "log_iters=100"])
     logdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"]),
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = logdir / "checkpoints" / "step_00000004" / "COMPLETE"
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    marker = kill_after_checkpoint("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"], step=4)
     assert marker.exists() and not (logdir / "checkpoints" / "step_00000008").exists()
     assert "resumed from step 4" in train("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"])
     a, b = load_checkpoint(tmp_path / "straight", 8), load_checkpoint(logdir, 8)

@@ -65,6 +65,25 @@ def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeo
     return proc.stdout + proc.stderr
 
 
+def kill_after_checkpoint(config: str, logdir: Path, overrides: list[str], step: int) -> Path:
+    """Start a run and kill -9 it as soon as the checkpoint of `step` is complete on disk; returns
+    that checkpoint's COMPLETE marker (which the caller checks exists)."""
+    proc = subprocess.Popen(
+        _cmd(config, logdir, overrides),
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = logdir / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
+    deadline = time.time() + 180
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return marker
+
+
 def load_checkpoint(logdir: Path, step: int) -> dict:
     ckpt = logdir / "checkpoints" / f"step_{step:08d}"
     assert (ckpt / "COMPLETE").exists(), (
@@ -152,19 +171,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "log_iters=100"])
     # Interrupted run: checkpoint every 4 steps, kill -9 as soon as step 4 is on disk.
     logdir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"]),
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    marker = logdir / "checkpoints" / "step_00000004" / "COMPLETE"
-    deadline = time.time() + 180
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    marker = kill_after_checkpoint("configs/tiny_dmd.yaml", logdir, [*common, "log_iters=4"], step=4)
     assert marker.exists() and not (logdir / "checkpoints" / "step_00000008").exists(), (
         "kill did not land mid-run"
     )
