@@ -5,6 +5,11 @@ can be judged exactly: which colour, shape, direction and speed its object has, 
 coherent object throughout, how far it is from the nearest real clip of its prompt, and which
 background shades a prompt's samples cover compared with the data (uniform over the 3 shades).
 
+Beside those strict pass/fail judgements, graded scores rank methods that are not yet perfect:
+which frames are coherent (per frame, so sharpness can be followed through a rollout), and how far
+the object's centre is from the true path of the asked prompt (trajectory error, in pixels).
+Every rate in a summary comes with a 95% confidence interval (`world.stats`).
+
 Decoding is written for imperfect samples (blurred edges, stray pixels, a drifting object), so every
 decision is a nearest-neighbour or best-fit choice against the world's own definitions, with
 thresholds derived from the palette and the motion rules rather than tuned numbers.
@@ -16,6 +21,7 @@ full length: the world continues exactly past the training length (bounces inclu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,6 +43,7 @@ from world.render import (
     render,
     trajectory,
 )
+from world.stats import mean_interval, wilson_interval
 
 # Palette in pixel units ([-1, 1]): object colours [4, 3] and background greys [3, 3].
 _COLOUR_NAMES = tuple(COLOURS)
@@ -48,15 +55,18 @@ _BACKGROUNDS = torch.tensor(SHADES).view(-1, 1).expand(-1, 3) * 2.0 - 1.0
 # distance away, a pure background pixel at 0, so the midpoint tolerates equal error on either side.
 OBJECT_THRESHOLD = 0.5 * float(torch.cdist(_PALETTE, _BACKGROUNDS).min())
 
-# Footprint sizes of the world's objects (square 25 px, circle 21 px). A component counts as an
-# object when its size is within SIZE_TOLERANCE of one of them: half the square-circle gap, so one
-# blurred edge pixel more or less is forgiven but a merged pair or a fragment is not.
+# Footprint sizes of the world's objects, in SHAPES order (square 25 px, circle 21 px). In a coherent
+# frame the object's size is within SIZE_TOLERANCE of the footprint of the *decoded* shape: half the
+# square-circle gap, so a blurred edge pixel or two is forgiven but a circle drawn with a
+# square-sized blob (or a merged pair, or a fragment) is not.
 FOOTPRINT_SIZES = tuple(int(object_mask(s, SIZE // 2, SIZE // 2).sum()) for s in SHAPES)
 SIZE_TOLERANCE = (max(FOOTPRINT_SIZES) - min(FOOTPRINT_SIZES)) // 2
 
 # An object never moves more than the fastest speed between frames (a bounce only shortens the
 # step); one extra pixel absorbs centroid jitter of imperfect footprints. Larger jumps = teleports.
-MAX_JUMP = max(SPEEDS.values()) + 1
+# Across frames without an object the allowance grows by the fastest speed per frame elapsed.
+MAX_SPEED = max(SPEEDS.values())
+JUMP_SLACK = 1
 
 # Components smaller than this are specks, not objects: a quarter of the smaller footprint (5 px),
 # so a few stray pixels from sampling noise do not count as a second object, while any fragment
@@ -68,10 +78,20 @@ MIN_OBJECT_PIXELS = min(FOOTPRINT_SIZES) // 4
 # decoded as None (e.g. an object that stops has neither a direction nor a speed).
 FIT_TOLERANCE = 1.0
 
-PRECISION_RMSE = 0.1  # a sample is "precise" when its nearest real clip is closer than this (RMSE)
+# A sample is "precise" when every attribute is right AND its nearest real clip is closer than this
+# (RMSE). RMSE alone is not enough: a green circle asked for as a green square is 0.086 from the
+# square's clip, while a right clip shifted by one pixel is ~0.18 away.
+PRECISION_RMSE = 0.1
+
+# Trajectory error of a frame without an object: the frame's diagonal, (SIZE - 1) * sqrt(2) = 21.2 px,
+# more than any two centres inside the frame can be apart. So the mean stays finite and a missing
+# object always counts worse than a misplaced one.
+MISSING_DISTANCE = (SIZE - 1) * 2**0.5
 
 _HYPOTHESES = tuple((d, s) for d in DIRECTIONS for s in SPEEDS)
 
+# The scalar keys of a summary (and `shade_counts`), in table order. Every scalar key also has
+# `<key>_ci`: [lo, hi], its 95% interval; `coherence_by_frame` (+ `_ci`) holds one rate per frame.
 SUMMARY_KEYS = (
     "colour",
     "shape",
@@ -79,6 +99,8 @@ SUMMARY_KEYS = (
     "speed",
     "all_attributes",
     "coherence",
+    "frame_coherence",
+    "trajectory_error",
     "precision",
     "rmse",
     "shades_hit",
@@ -104,10 +126,12 @@ class SampleResult:
     direction_correct: bool
     speed_correct: bool
     all_attributes: bool
-    coherent: bool
+    coherent: bool  # every frame coherent
+    frame_coherent: tuple[bool, ...]  # per frame: one object, sized like the decoded shape, no teleport
+    trajectory_error: float  # mean px from the asked prompt's path (MISSING_DISTANCE without an object)
     nearest_shade: int  # the nearest real clip: index into clips_of(prompt), i.e. into SHADES
     rmse: float  # RMSE (pixels in [-1, 1]) to that clip
-    precise: bool
+    precise: bool  # all attributes right and rmse < PRECISION_RMSE
 
 
 @dataclass(frozen=True)
@@ -121,17 +145,53 @@ class _Frames:
     colour_sum: Tensor  # [N, F, 3] sum of the object's pixel colours
     overlap: Tensor  # [N, F, len(SHAPES)] IoU of the object with each shape's footprint at its centre
     fit: Tensor  # [N, len(_HYPOTHESES), F] distance of the centre from each hypothesis' position
+    path_distance: Tensor  # [N, F] distance of the centre from the asked prompt's path; NaN without object
     mse: Tensor  # [N, len(SHADES), F] mean squared pixel error to each real clip of the prompt
 
 
-def _summary_value(results: Sequence[SampleResult], name: str) -> float:
-    return sum(float(getattr(r, name)) for r in results) / len(results)
+def summarise(results: Sequence[SampleResult]) -> dict[str, float | list]:
+    """Means over samples with their 95% intervals (`<key>_ci`), the coherence rate of every frame
+    index, and shade coverage per prompt (from each sample's nearest real clip).
 
-
-def summarise(results: Sequence[SampleResult]) -> dict[str, float | list[int]]:
-    """Means over samples, plus shade coverage per prompt (from each sample's nearest real clip)."""
+    Samples are independent draws (`world.stats`): a pass/fail rate gets the Wilson interval over
+    the samples; a mean of per-sample shares in [0, 1] (frame coherence; per-prompt shade coverage)
+    the Wilson interval over the samples (prompts), conservative for such shares; a continuous mean
+    (RMSE, trajectory error, shade TV) the normal-approximation interval. Frames of one video are
+    not independent, so no interval counts frames as draws.
+    """
     if not results:
         raise ValueError("summarise: no samples to summarise")
+    lengths = {len(r.frame_coherent) for r in results}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"summarise: samples of different lengths {sorted(lengths)} cannot share per-frame rates"
+        )
+    n = len(results)
+    out: dict[str, float | list] = {}
+
+    def rate(key: str, values: Sequence[float], draws: int) -> None:
+        out[key] = math.fsum(values) / len(values)
+        out[f"{key}_ci"] = list(wilson_interval(out[key], draws))
+
+    def mean(key: str, values: Sequence[float]) -> None:
+        out[key] = math.fsum(values) / len(values)
+        out[f"{key}_ci"] = list(mean_interval(values))
+
+    for key, field_name in (
+        ("colour", "colour_correct"),
+        ("shape", "shape_correct"),
+        ("direction", "direction_correct"),
+        ("speed", "speed_correct"),
+        ("all_attributes", "all_attributes"),
+        ("coherence", "coherent"),
+    ):
+        rate(key, [float(getattr(r, field_name)) for r in results], n)
+    frames = torch.tensor([r.frame_coherent for r in results], dtype=torch.float64)  # [N, F]
+    rate("frame_coherence", frames.mean(1).tolist(), n)
+    mean("trajectory_error", [r.trajectory_error for r in results])
+    rate("precision", [float(r.precise) for r in results], n)
+    mean("rmse", [r.rmse for r in results])
+
     by_prompt: dict[Prompt, list[int]] = {}
     for r in results:
         by_prompt.setdefault(r.prompt, []).append(r.nearest_shade)
@@ -142,21 +202,16 @@ def summarise(results: Sequence[SampleResult]) -> dict[str, float | list[int]]:
         hit.append(float((freq > 0).double().mean()))
         # Total variation distance to the data's shade distribution, uniform over the shades.
         tv.append(0.5 * float((freq - 1.0 / num_shades).abs().sum()))
+    rate("shades_hit", hit, len(hit))
+    rate("all_shades_hit", [float(h == 1.0) for h in hit], len(hit))
+    mean("shade_tv", tv)
     counts = torch.bincount(torch.tensor([r.nearest_shade for r in results]), minlength=num_shades)
-    return {
-        "colour": _summary_value(results, "colour_correct"),
-        "shape": _summary_value(results, "shape_correct"),
-        "direction": _summary_value(results, "direction_correct"),
-        "speed": _summary_value(results, "speed_correct"),
-        "all_attributes": _summary_value(results, "all_attributes"),
-        "coherence": _summary_value(results, "coherent"),
-        "precision": _summary_value(results, "precise"),
-        "rmse": _summary_value(results, "rmse"),
-        "shades_hit": sum(hit) / len(hit),
-        "all_shades_hit": sum(h == 1.0 for h in hit) / len(hit),
-        "shade_tv": sum(tv) / len(tv),
-        "shade_counts": [int(c) for c in counts],
-    }
+    out["shade_counts"] = [int(c) for c in counts]
+
+    by_frame = frames.mean(0).tolist()
+    out["coherence_by_frame"] = by_frame
+    out["coherence_by_frame_ci"] = [list(wilson_interval(p, n)) for p in by_frame]
+    return out
 
 
 @dataclass
@@ -172,7 +227,7 @@ class Evaluation:
     def num_frames(self) -> int:
         return self._frames.shade.shape[1]
 
-    def summary(self) -> dict[str, float | list[int]]:
+    def summary(self) -> dict[str, float | list]:
         return summarise(self.samples)
 
     def segments(self) -> list[list[SampleResult]]:
@@ -183,20 +238,31 @@ class Evaluation:
             raise ValueError(f"per_segment: {total} frames do not split into segments of {s} frames")
         return [_judge(self._frames, self._prompts, k * s, (k + 1) * s) for k in range(total // s)]
 
-    def per_segment(self) -> list[dict[str, float | list[int]]]:
+    def per_segment(self) -> list[dict[str, float | list]]:
         return [summarise(segment) for segment in self.segments()]
 
 
 def format_table(
-    rows: Mapping[str, Mapping[str, float | list[int]]], columns: Sequence[str] = SUMMARY_KEYS
+    rows: Mapping[str, Mapping[str, float | list]],
+    columns: Sequence[str] = SUMMARY_KEYS,
+    digits: int = 3,
+    intervals: bool = False,
 ) -> str:
-    """Summaries (one row per name, e.g. a method or a segment) as a markdown table."""
+    """Summaries (one row per name, e.g. a method or a segment) as a markdown table; with `intervals`,
+    a value with a `<key>_ci` shows it as `0.53 [0.45, 0.61]`."""
 
-    def cell(value: float | list[int]) -> str:
-        return "/".join(str(v) for v in value) if isinstance(value, list) else f"{value:.3f}"
+    def cell(row: Mapping[str, float | list], key: str) -> str:
+        value = row[key]
+        if isinstance(value, list):
+            return "/".join(str(v) for v in value)
+        text = f"{value:.{digits}f}"
+        if intervals and f"{key}_ci" in row:
+            lo, hi = row[f"{key}_ci"]
+            text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return text
 
     lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(cell(row[c]) for c in columns) + " |" for name, row in rows.items()]
+    lines += [f"| {name} | " + " | ".join(cell(row, c) for c in columns) + " |" for name, row in rows.items()]
     return "\n".join(lines)
 
 
@@ -308,6 +374,9 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
     # 4. Motion evidence: distance of the centre from every hypothesis' trajectory, frame by frame.
     centre = centre.view(n, f, 2)
     fit = (centre[:, None] - _hypothesis_centres(f)[None]).norm(dim=-1)  # [N, 8, F]
+    # The true path depends on the prompt's motion only, so it is one of the hypotheses' paths.
+    asked = torch.tensor([_HYPOTHESES.index((p.direction, p.speed)) for p in prompts])
+    path_distance = fit[torch.arange(n), asked]  # [N, F]
 
     # 5. Distance to every real clip of the prompt, per frame, so any window's RMSE is a mean.
     truth = torch.stack([_real_clips(p, f) for p in prompts])  # [N, S, F, 3, H, W]
@@ -321,6 +390,7 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
         colour_sum=colour_sum.view(n, f, 3),
         overlap=overlap.reshape(n, f, len(SHAPES)),
         fit=fit,
+        path_distance=path_distance,
         mse=mse,
     )
 
@@ -338,18 +408,15 @@ def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> lis
     fit_error, motion = frames.fit[:, :, w].nanmean(-1).nan_to_num(float("inf")).min(-1)
     shade = frames.shade[:, w].mode(-1).values
 
-    # Coherence: one object of a world size in every frame, and no teleport between frames.
-    sized = torch.zeros_like(size, dtype=torch.bool)
-    for s in FOOTPRINT_SIZES:
-        sized |= (size - s).abs() <= SIZE_TOLERANCE
-    one_object = (frames.components[:, w] == 1) & sized
-    centre = frames.centre[:, w]
-    jumps = (centre[:, 1:] - centre[:, :-1]).norm(dim=-1)  # NaN next to an empty frame (already incoherent)
-    coherent = one_object.all(1) & (jumps <= MAX_JUMP).all(1)
+    frame_coherent = _frame_coherence(frames, shape, w)  # [N, W]
+    coherent = frame_coherent.all(1)
+    # A frame without an object is MISSING_DISTANCE from the path (worse than any misplaced object).
+    trajectory_error = frames.path_distance[:, w].nan_to_num(MISSING_DISTANCE).mean(1)
 
     rmse, nearest = frames.mse[:, :, w].mean(-1).sqrt().min(-1)
 
     results = []
+    frame_coherent_rows = frame_coherent.tolist()
     for i, prompt in enumerate(prompts):
         has_object, fits = bool(seen[i]), float(fit_error[i]) <= FIT_TOLERANCE
         decoded_colour = _COLOUR_NAMES[colour[i]] if has_object else None
@@ -376,9 +443,33 @@ def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> lis
                 speed_correct=correct[3],
                 all_attributes=all(correct),
                 coherent=bool(coherent[i]),
+                frame_coherent=tuple(frame_coherent_rows[i]),
+                trajectory_error=float(trajectory_error[i]),
                 nearest_shade=int(nearest[i]),
                 rmse=float(rmse[i]),
-                precise=float(rmse[i]) < PRECISION_RMSE,
+                precise=all(correct) and float(rmse[i]) < PRECISION_RMSE,
             )
         )
     return results
+
+
+def _frame_coherence(frames: _Frames, shape: Tensor, w: slice) -> Tensor:
+    """`[N, W]` bool: frame f of window `w` is coherent when it holds exactly one object component,
+    sized like the footprint of the window's decoded `shape` [N], and that object is within reach of
+    the last earlier frame of the window that held one such object (MAX_SPEED per frame elapsed,
+    + JUMP_SLACK). Anchoring on such frames only (not on a frame with two blobs or none, whose
+    "centre" means nothing) charges each defect to its own frame: a vanished or doubled object costs
+    one frame, a teleport costs the frame it happens in."""
+    size = frames.size[:, w]
+    target = torch.tensor(FOOTPRINT_SIZES)[shape]  # [N]
+    one_object = (frames.components[:, w] == 1) & ((size - target[:, None]).abs() <= SIZE_TOLERANCE)
+
+    # Index of the last earlier one-object frame (-1: none), by a running max over frame indices.
+    index = torch.arange(size.shape[1]).expand_as(size)
+    last = torch.where(one_object, index, -1).cummax(1).values
+    previous = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], 1)
+    centre = frames.centre[:, w]
+    anchor = centre.gather(1, previous.clamp(min=0)[..., None].expand(-1, -1, 2))
+    elapsed = (index - previous).float()
+    within_reach = (centre - anchor).norm(dim=-1) <= MAX_SPEED * elapsed + JUMP_SLACK
+    return one_object & ((previous < 0) | within_reach)
