@@ -271,9 +271,19 @@ class Chain:
             "evaluate every student (4-step autoregressive inference, 12 and 36 frames)",
             self.evaluate,
         )
-        from .report import write_report
+        from .report import ReportInputs, write_report
 
-        write_report(self)
+        stages = ("data", "base", "ode_pairs", "ode", "sf_dmd", *p.baselines, "eval")
+        write_report(
+            ReportInputs(
+                root=self.root, profile=p.name, machine=self.machine(),
+                metrics=self.stage_dir("eval") / "metrics.json", samples=self.stage_dir("eval") / "samples.pt",
+                students=self.students(), heldout_prompts=self.eval_prompts()["heldout"],
+                stage_times={s: self.wall_time(s) for s in stages},
+                loss_logs={s: self.stage_dir(s) / "metrics.jsonl" for s in ("base", "ode", "sf_dmd", *p.baselines)},
+                labels=LABELS,
+            )
+        )  # fmt: skip
         _say(f"[report] {self.root / 'report.md'}")
 
     # ------------------------------------------------------------------ evaluation

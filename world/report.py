@@ -1,28 +1,71 @@
-"""`report.md` of a shapes-world chain: tables per method, plots, sample strips and mp4s."""
+"""`report.md` of a shapes-world chain: the base model first, targets, verdicts, tables per split with
+95% intervals, per-segment quality of long rollouts, plots, sample strips and mp4s.
+
+The report is written from the evaluation's results and paths (`ReportInputs`), not from the chain
+that produced them, so it can be rebuilt from any run directory and `world.chain` stays the only side
+that knows the stages. Every "beats" in the report comes from `world.stats.beats`: intervals that do
+not overlap, samples treated as independent Bernoulli draws.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .evaluate import format_table
+from . import figures
+from .evaluate import JUMP_SLACK, MAX_SPEED, MISSING_DISTANCE, PRECISION_RMSE, SIZE_TOLERANCE, format_table
 from .render import Prompt, render_prompt
+from .stats import beats
 
-if TYPE_CHECKING:
-    from .chain import Chain
-
-COLUMNS = ("all_attributes", "colour", "shape", "direction", "speed", "coherence", "precision", "rmse",
-           "all_shades_hit", "shade_tv", "shade_counts")  # fmt: skip
+COLUMNS = ("all_attributes", "colour", "shape", "direction", "speed", "coherence", "frame_coherence",
+           "trajectory_error", "precision", "rmse", "all_shades_hit", "shade_tv", "shade_counts")  # fmt: skip
 TARGETS = {"all_attributes": 0.9, "coherence": 0.9, "precision": 0.8, "all_shades_hit": 1.0}
+MAX_SHADE_TV = 0.3
 SPLITS = {
     "heldout": "Held-out prompts, 12 frames (the training length)",
     "train": "Training prompts, 12 frames",
     "heldout_long": "Held-out prompts, 36 frames (3x, rolling KV window of 12 frames with a 3-frame sink)",
 }
+BASE_SPLITS = {
+    "heldout": "held-out prompts, the students' 4-step schedule",
+    "train": "training prompts, 4 steps",
+    "heldout_ode40": "held-out prompts, 40-step ODE",
+    "train_ode40": "training prompts, 40-step ODE",
+}
+# Issue 14's targets for the base, on held-out prompts with the 40-step ODE; x0 RMSE at t = 500.
+BASE_TARGETS = {"all_attributes": 0.9, "coherence": 0.9}
+BASE_TARGET_SPLIT = "heldout_ode40"
+MAX_BASE_X0_RMSE = ("500", 0.05)
+# Self-Forcing DMD against every other student on these, at 12 frames and per long-rollout segment.
+VERDICT_KEYS = ("all_attributes", "frame_coherence", "trajectory_error", "precision")
+# The rivals of the issue's target "beats its ODE init, TF-DMD and DF-DMD beyond the intervals".
+RIVALS = ("ode", "dmd_teacher_forcing", "dmd_diffusion_forcing")
+METHOD = "sf_dmd"
+DEFAULT_LABELS = {"data": "data (real clips)", "base": "base model (bidirectional)"}
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report is written from: evaluation results and paths, nothing of the chain itself."""
+
+    root: Path  # report.md and figures/ are written here; links in the report are relative to it
+    profile: str
+    machine: str
+    metrics: Path  # metrics.json: {method: {split: {"summary", "segments"}}}, optionally a "base" entry
+    samples: Path  # samples.pt: {method: [n, F, 3, H, W]}, sample i drawn for heldout_prompts[i]
+    students: Sequence[str]  # evaluated students in table order; "sf_dmd" is the method under test
+    heldout_prompts: Sequence[Prompt]
+    stage_times: Mapping[str, float | None]  # wall seconds of every stage in run order; None: not run
+    loss_logs: Mapping[str, Path]  # training stage -> its metrics.jsonl
+    labels: Mapping[str, str] = field(default_factory=dict)  # method -> display name
+
+    def label(self, method: str) -> str:
+        return self.labels.get(method, DEFAULT_LABELS.get(method, method))
 
 
 def _pixels_to_uint8(video: torch.Tensor, scale: int = 8) -> np.ndarray:
@@ -38,151 +81,230 @@ def _strip(video: torch.Tensor) -> np.ndarray:
     return np.concatenate([np.concatenate([f, sep], axis=1) for f in frames], axis=1)
 
 
-def _loss_plot(chain: Chain, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stages = ["base", "ode", "sf_dmd", *chain.profile.baselines]
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.2 * len(stages), 2.8))
-    for ax, stage in zip(np.atleast_1d(axes), stages, strict=True):
-        path = chain.stage_dir(stage) / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        for key in ("generator_loss", "critic_loss"):
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=key.replace("_loss", ""), lw=0.8)
-        ax.set_title(stage, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _value(summary: Mapping, key: str) -> str:
+    lo, hi = summary[f"{key}_ci"]
+    return f"{summary[key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _bar_plot(metrics: dict, methods: list[str], labels: dict[str, str], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("all_attributes", "coherence", "precision", "all_shades_hit")
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    width = 0.8 / len(methods)
-    for i, m in enumerate(methods):
-        vals = [metrics[m]["heldout"]["summary"][k] for k in keys]
-        ax.bar(np.arange(len(keys)) + i * width, vals, width, label=labels[m])
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
-    ax.set_ylim(0, 1.05)
-    ax.set_title("held-out prompts, 12 frames")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _reading_guide() -> list[str]:
+    return [
+        "How to read the numbers: every value comes with its 95% interval `[lo, hi]`. Samples are",
+        "treated as independent Bernoulli draws (each has its own noise seed): rates get the Wilson score",
+        "interval, means (RMSE, trajectory error, shade TV) a normal-approximation interval; a method",
+        "*beats* another only when the two intervals do not overlap.",
+        "*Coherence*: every frame coherent; *frame coherence*: the share of coherent frames, a frame being",
+        f"coherent when it holds exactly one object, its size within {SIZE_TOLERANCE} px of the decoded",
+        f"shape's footprint, that moved at most {MAX_SPEED} px per frame (+{JUMP_SLACK}) since the last such",
+        "frame. *Trajectory error*: mean distance (px) of the object's centre from the asked prompt's true",
+        f"path; a frame without an object counts {MISSING_DISTANCE:.1f} px (the frame's diagonal, more than",
+        "any misplaced object). *Precision*: every attribute right and the nearest real clip within",
+        f"RMSE {PRECISION_RMSE}.",
+        "",
+    ]
 
 
-def _segment_plot(metrics: dict, methods: list[str], labels: dict[str, str], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key in zip(axes, ("all_attributes", "coherence"), strict=True):
-        for m in methods:
-            seg = [s[key] for s in metrics[m]["heldout_long"]["segments"]]
-            ax.plot(range(1, len(seg) + 1), seg, marker="o", label=labels[m])
-        ax.set_xlabel("12-frame segment of a 36-frame rollout")
-        ax.set_title(key)
-        ax.set_ylim(0, 1.05)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+def _windows(results: Mapping) -> list[tuple[str, Mapping]]:
+    """(title, summary) of the 12-frame held-out evaluation and of each long-rollout segment."""
+    windows = [("held-out, 12 frames", results["heldout"]["summary"])]
+    if "heldout_long" in results:
+        start = 1
+        for seg in results["heldout_long"]["segments"]:
+            length = len(seg["coherence_by_frame"])
+            windows.append((f"36 frames: {start}-{start + length - 1}", seg))
+            start += length
+    return windows
 
 
-def _verdicts(metrics: dict, students: list[str]) -> list[str]:
-    """Each target of the issue, met or missed, from the numbers."""
-    sf = metrics["sf_dmd"]["heldout"]["summary"]
-    lines = []
-    for key, target in TARGETS.items():
-        ok = sf[key] >= target
-        lines.append(
-            f"- Self-Forcing DMD {key} = {sf[key]:.2f} (target >= {target}): {'met' if ok else 'MISSED'}"
-        )
-        lines[-1] = lines[-1].replace("all_shades_hit", "share of prompts with every shade hit")
-    ok = sf["shade_tv"] <= 0.3
-    lines.append(
-        f"- shade distance to the data = {sf['shade_tv']:.2f} (target <= 0.3): {'met' if ok else 'MISSED'}"
-    )
-    for split in ("heldout", "heldout_long"):
-        for key in ("all_attributes", "coherence"):
-            mine = metrics["sf_dmd"][split]["summary"][key]
-            others = {s: metrics[s][split]["summary"][key] for s in students if s != "sf_dmd"}
-            beaten = [s for s, v in others.items() if mine > v]
-            lost = [s for s, v in others.items() if mine <= v]
-            lines.append(
-                f"- {split} {key}: Self-Forcing DMD {mine:.2f} beats {', '.join(beaten) or 'none'}"
-                + (f"; does NOT beat {', '.join(f'{s} ({others[s]:.2f})' for s in lost)}" if lost else "")
-            )
+def _verdict(mine: Mapping, theirs: Mapping, key: str) -> str:
+    if beats(mine, theirs, key):
+        return "**beats**"
+    return "loses to" if beats(theirs, mine, key) else "overlap"
+
+
+def _verdict_tables(metrics: Mapping, inputs: ReportInputs) -> list[str]:
+    """Self-Forcing DMD against every other student, per key and window: its verdict and their value."""
+    others = [s for s in inputs.students if s != METHOD and s in metrics]
+    mine = _windows(metrics[METHOD])
+    lines = ["## Verdicts: Self-Forcing DMD against every other student (held-out prompts)", ""]
+    lines += ["A cell says whether Self-Forcing DMD beats that student there (intervals apart), loses to it,",
+              "or neither (the intervals overlap), then the student's value.", ""]  # fmt: skip
+    for key in VERDICT_KEYS:
+        lines += [
+            f"### {key}",
+            "",
+            "| | " + " | ".join(t for t, _ in mine) + " |",
+            "|---" * (len(mine) + 1) + "|",
+        ]
+        lines.append(f"| {inputs.label(METHOD)} | " + " | ".join(_value(s, key) for _, s in mine) + " |")
+        for other in others:
+            theirs = dict(_windows(metrics[other]))
+            cells = [
+                f"{_verdict(s, theirs[t], key)} {_value(theirs[t], key)}" if t in theirs else "-"
+                for t, s in mine
+            ]
+            lines.append(f"| {inputs.label(other)} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
 
 
-def write_report(chain: Chain) -> Path:
+def _targets(metrics: Mapping, inputs: ReportInputs) -> list[str]:
+    """Each of the issue's targets for Self-Forcing DMD, met or missed, from the numbers."""
+    sf = metrics[METHOD]["heldout"]["summary"]
+    lines = ["## Targets (Self-Forcing DMD, held-out prompts)", ""]
+    for key, target in TARGETS.items():
+        ok = sf[key] >= target
+        lines.append(f"- {key} = {_value(sf, key)} (target >= {target}): {'met' if ok else 'MISSED'}")
+    ok = sf["shade_tv"] <= MAX_SHADE_TV
+    lines.append(
+        f"- shade_tv = {_value(sf, 'shade_tv')} (target <= {MAX_SHADE_TV}): {'met' if ok else 'MISSED'}"
+    )
+    rivals = [r for r in RIVALS if r in metrics and r in inputs.students]
+    windows = _windows(metrics[METHOD])
+    for key in VERDICT_KEYS:
+        misses = []
+        for r in rivals:
+            theirs = dict(_windows(metrics[r]))
+            where = [t for t, s in windows if t in theirs and not beats(s, theirs[t], key)]
+            if where:
+                misses.append(
+                    f"{inputs.label(r)} ({'every window' if len(where) == len(windows) else '; '.join(where)})"
+                )
+        names = ", ".join(inputs.label(r) for r in rivals)
+        verdict = "met" if not misses else "MISSED, not beaten: " + ", ".join(misses)
+        lines.append(f"- {key}: beats {names} at 12 frames and in every 36-frame segment: {verdict}")
+    return [*lines, ""]
+
+
+def _base_section(base: Mapping) -> list[str]:
+    """The base model's own samples and its x0 error against the exact teacher: every later stage
+    inherits this quality."""
+    lines = ["## Base model (bidirectional; every student starts from it)", ""]
+    splits = [s for s in (*BASE_SPLITS, *sorted(set(base) - set(BASE_SPLITS) - {"x0_rmse"})) if s in base]
+    table = {BASE_SPLITS.get(s, s): base[s]["summary"] for s in splits}
+    if table:
+        lines += [format_table(table, columns=COLUMNS, digits=2, intervals=True), ""]
+    x0 = base.get("x0_rmse", {})
+    if x0:
+        ts = sorted({t for row in x0.values() for t in row}, key=float)
+        lines += ["x0 RMSE against the exact teacher's posterior mean, per noise level t:", ""]
+        lines += ["| prompts | " + " | ".join(f"t={t}" for t in ts) + " |", "|---" * (len(ts) + 1) + "|"]
+        lines += [f"| {split} | " + " | ".join(f"{row[t]:.3f}" if t in row else "-" for t in ts) + " |"
+                  for split, row in x0.items()]  # fmt: skip
+        lines.append("")
+    if BASE_TARGET_SPLIT in base:
+        summary = base[BASE_TARGET_SPLIT]["summary"]
+        for key, target in BASE_TARGETS.items():
+            ok = summary[key] >= target
+            lines.append(
+                f"- base, {BASE_SPLITS[BASE_TARGET_SPLIT]}: {key} = {_value(summary, key)} "
+                f"(target >= {target}): {'met' if ok else 'MISSED'}"
+            )
+    t, limit = MAX_BASE_X0_RMSE
+    if t in x0.get("heldout", {}):
+        ok = x0["heldout"][t] <= limit
+        lines.append(
+            f"- base x0 RMSE at t={t}, held-out = {x0['heldout'][t]:.3f} (target <= {limit}): "
+            f"{'met' if ok else 'MISSED'}"
+        )
+    return [*lines, ""]
+
+
+def _segment_tables(metrics: Mapping, methods: Sequence[str], inputs: ReportInputs) -> list[str]:
+    lines = ["## Quality per 12-frame segment of 36-frame rollouts (held-out prompts)", ""]
+    for key in VERDICT_KEYS:
+        rows = {}
+        for m in methods:
+            if "heldout_long" not in metrics.get(m, {}):
+                continue
+            row = {}
+            for title, seg in _windows(metrics[m])[1:]:
+                row[title], row[f"{title}_ci"] = seg[key], seg[f"{key}_ci"]
+            rows[inputs.label(m)] = row
+        if rows:
+            columns = [c for c in next(iter(rows.values())) if not c.endswith("_ci")]
+            lines += [f"### {key}", "", format_table(rows, columns=columns, digits=2, intervals=True), ""]
+    return lines
+
+
+def _figures(metrics: Mapping, methods: Sequence[str], inputs: ReportInputs, fig_dir: Path) -> list[str]:
+    label = inputs.label
+    present = [m for m in methods if m in metrics]
+    long = {label(m): metrics[m]["heldout_long"]["segments"] for m in present if "heldout_long" in metrics[m]}
+    short = {label(m): metrics[m]["heldout"]["summary"] for m in present if "heldout" in metrics[m]}
+    base = metrics.get("base", {})
+    base_rows = {f"{label('base')}, {BASE_SPLITS[s]}": base[s]["summary"] for s in ("heldout", "heldout_ode40")
+                 if s in base}  # fmt: skip
+    panels = {"held-out prompts, 12 frames": {**base_rows, **short}}
+    if long:
+        panels["held-out prompts, 36-frame rollouts"] = {
+            label(m): metrics[m]["heldout_long"]["summary"] for m in present if "heldout_long" in metrics[m]
+        }
+    keys = ("all_attributes", "coherence", "frame_coherence", "precision", "all_shades_hit")
+    made = [
+        ("losses per stage", figures.loss_plot(inputs.loss_logs, fig_dir / "losses.png")),
+        ("metrics", figures.bar_plot(short, keys, "held-out prompts, 12 frames", fig_dir / "metrics.png")),
+        ("coherence per frame", figures.coherence_by_frame_plot(panels, fig_dir / "coherence_by_frame.png")),
+    ]
+    if long:
+        made.append(("per segment", figures.segment_plot(long, VERDICT_KEYS, fig_dir / "segments.png")))
+    lines = ["## Figures", ""]
+    for name, path in made:
+        lines += [f"![{name}]({path.relative_to(inputs.root).as_posix()})", ""]
+    return lines
+
+
+def _sample_strips(inputs: ReportInputs, fig_dir: Path) -> list[str]:
+    """The same prompt and noise seed for every method: the first sample of up to 4 held-out prompts."""
     import imageio.v2 as imageio
 
-    from .chain import LABELS
-
-    root = chain.root
-    fig_dir = root / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    metrics = json.loads((chain.stage_dir("eval") / "metrics.json").read_text())
-    students = chain.students()
-    methods = ["data", *students]
-
-    lines = [f"# Shapes world: the Self-Forcing recipe end to end ({chain.profile.name} profile)", ""]
-    lines += [f"Machine: {chain.machine()}.", ""]
-    lines += ["| stage | wall time (s) |", "|---|---|"]
-    for stage in ("data", "base", "ode_pairs", "ode", "sf_dmd", *chain.profile.baselines, "eval"):
-        t = chain.wall_time(stage)
-        lines.append(f"| {stage} | {'-' if t is None else f'{t:.0f}'} |")
-    lines += ["", "## Targets", "", *_verdicts(metrics, students), ""]
-    for split, title in SPLITS.items():
-        table = {LABELS[m]: metrics[m][split]["summary"] for m in methods}
-        lines += [f"## {title}", "", format_table(table, columns=COLUMNS), ""]
-    lines += ["## Quality per 12-frame segment of 36-frame rollouts (held-out prompts)", ""]
-    for m in methods:
-        segs = metrics[m]["heldout_long"]["segments"]
-        cells = " / ".join(f"{s['all_attributes']:.2f}, {s['coherence']:.2f}" for s in segs)
-        lines.append(f"- {LABELS[m]} (all attributes, coherence per segment): {cells}")
-    lines += ["", "## Figures", ""]
-    for name, path in (
-        ("losses per stage", _loss_plot(chain, fig_dir / "losses.png")),
-        ("metrics", _bar_plot(metrics, methods, LABELS, fig_dir / "metrics.png")),
-        ("per segment", _segment_plot(metrics, methods, LABELS, fig_dir / "segments.png")),
-    ):
-        lines += [f"![{name}]({path.relative_to(root)})", ""]
-
-    # Sample strips: the same prompt and noise seed for every method (first sample of 4 held-out prompts).
-    samples = torch.load(chain.stage_dir("eval") / "samples.pt")
-    prompts: list[Prompt] = chain.eval_prompts()["heldout"][:4]
-    lines += ["## Samples (same prompt and seed per row; held-out prompts)", ""]
-    for i, prompt in enumerate(prompts):
+    samples = torch.load(inputs.samples)
+    lines = ["## Samples (same prompt and seed per row; held-out prompts)", ""]
+    for i, prompt in enumerate(inputs.heldout_prompts[:4]):
+        methods = [m for m in ("base", *inputs.students) if m in samples and i < len(samples[m])]
+        if not methods:
+            continue
         lines += [f"### {prompt.text}", ""]
-        rows = {"data": render_prompt(prompt, 12)[i % 3]}
-        rows.update({m: samples[m][i] for m in students if m in samples and i < len(samples[m])})
+        rows = {"data": render_prompt(prompt, samples[methods[0]].shape[1])[i % 3]}
+        rows.update({m: samples[m][i] for m in methods})
         for m, video in rows.items():
             stem = f"{i}_{m}"
             imageio.imwrite(fig_dir / f"{stem}.png", _strip(video))
             imageio.mimwrite(fig_dir / f"{stem}.mp4", list(_pixels_to_uint8(video, 16)), fps=4,
                              codec="libx264", macro_block_size=1)  # fmt: skip
-            lines.append(f"{LABELS[m]}: ![{stem}](figures/{stem}.png) ([mp4](figures/{stem}.mp4))  ")
+            lines.append(f"{inputs.label(m)}: ![{stem}](figures/{stem}.png) ([mp4](figures/{stem}.mp4))  ")
         lines.append("")
+    return lines
+
+
+def write_report(inputs: ReportInputs) -> Path:
+    """Write `<root>/report.md` and `<root>/figures/`; returns the report's path."""
+    metrics = json.loads(Path(inputs.metrics).read_text())
+    missing = [m for m in ("data", METHOD) if m not in metrics]
+    if missing:
+        raise ValueError(f"write_report: {inputs.metrics} has no results for {missing}")
+    root = Path(inputs.root)
+    fig_dir = root / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    methods = ["data", *inputs.students]
+
+    lines = [f"# Shapes world: the Self-Forcing recipe end to end ({inputs.profile} profile)", ""]
+    lines += [f"Machine: {inputs.machine}.", ""]
+    lines += ["| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {stage} | {'-' if t is None else f'{t:.0f}'} |" for stage, t in inputs.stage_times.items()]
+    lines += ["", *_reading_guide()]
+    if "base" in metrics:
+        lines += _base_section(metrics["base"])
+    lines += _targets(metrics, inputs)
+    lines += _verdict_tables(metrics, inputs)
+    for split, title in SPLITS.items():
+        table = {
+            inputs.label(m): metrics[m][split]["summary"] for m in methods if split in metrics.get(m, {})
+        }
+        if table:
+            lines += [f"## {title}", "", format_table(table, columns=COLUMNS, digits=2, intervals=True), ""]
+    lines += _segment_tables(metrics, methods, inputs)
+    lines += _figures(metrics, methods, inputs, fig_dir)
+    lines += _sample_strips(inputs, fig_dir)
     out = root / "report.md"
     out.write_text("\n".join(lines), encoding="utf-8")
     return out
