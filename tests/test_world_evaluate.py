@@ -337,6 +337,14 @@ def test_wilson_interval_solves_its_defining_equation(k, n):
     assert wilson_interval(k / n, n) == pytest.approx(_wilson_by_bisection(k / n, n), abs=1e-9)
 
 
+def test_wilson_interval_contains_the_observed_rate():
+    # Plots draw error bars as rate - lo and hi - rate: rounding at 0 and 1 must not make them negative.
+    for n in range(1, 200):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k / n, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
+
+
 def test_wilson_interval_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     for k, n in [(0, 10), (3, 10), (10, 10), (37, 160), (159, 160)]:

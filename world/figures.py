@@ -34,7 +34,7 @@ def _errors(summaries: Sequence[Mapping], key: str) -> tuple[list[float], np.nda
     values = [s[key] for s in summaries]
     ci = np.array([s[f"{key}_ci"] for s in summaries], dtype=float).reshape(-1, 2)
     bars = np.stack([np.asarray(values) - ci[:, 0], ci[:, 1] - np.asarray(values)])
-    return values, np.nan_to_num(bars, posinf=0.0, neginf=0.0)
+    return values, np.nan_to_num(bars, posinf=0.0, neginf=0.0).clip(min=0.0)
 
 
 def loss_plot(loss_logs: Mapping[str, Path], out: Path) -> Path:

@@ -56,7 +56,9 @@ def wilson_interval(rate: float, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1.0 + z2 / n
     centre = (rate + z2 / (2 * n)) / denom
     half = z / denom * math.sqrt(rate * (1.0 - rate) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always contains `rate` (|rate - p| = 0 at p = rate); at rate 0 or 1 rounding can
+    # put an end a hair inside it, so the ends are clamped to [0, rate] and [rate, 1].
+    return min(max(0.0, centre - half), rate), max(min(1.0, centre + half), rate)
 
 
 def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
