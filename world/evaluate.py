@@ -83,9 +83,9 @@ FIT_TOLERANCE = 1.0
 # square's clip, while a right clip shifted by one pixel is ~0.18 away.
 PRECISION_RMSE = 0.1
 
-# Trajectory error of a frame without an object: the frame's diagonal, (SIZE - 1) * sqrt(2) = 21.2 px,
-# more than any two centres inside the frame can be apart. So the mean stays finite and a missing
-# object always counts worse than a misplaced one.
+# Trajectory error of a frame without an object: the frame's diagonal, (SIZE - 1) * sqrt(2) = 21.2 px.
+# A decoded centre lies in the frame and the true one inside [LOW, HIGH], so no misplaced object is
+# that far: the mean stays finite and a missing object always counts worse than a misplaced one.
 MISSING_DISTANCE = (SIZE - 1) * 2**0.5
 
 _HYPOTHESES = tuple((d, s) for d in DIRECTIONS for s in SPEEDS)
@@ -166,12 +166,11 @@ def summarise(results: Sequence[SampleResult]) -> dict[str, float | list]:
         raise ValueError(
             f"summarise: samples of different lengths {sorted(lengths)} cannot share per-frame rates"
         )
-    n = len(results)
     out: dict[str, float | list] = {}
 
-    def rate(key: str, values: Sequence[float], draws: int) -> None:
+    def rate(key: str, values: Sequence[float]) -> None:  # values in [0, 1], one per independent draw
         out[key] = math.fsum(values) / len(values)
-        out[f"{key}_ci"] = list(wilson_interval(out[key], draws))
+        out[f"{key}_ci"] = list(wilson_interval(out[key], len(values)))
 
     def mean(key: str, values: Sequence[float]) -> None:
         out[key] = math.fsum(values) / len(values)
@@ -185,11 +184,11 @@ def summarise(results: Sequence[SampleResult]) -> dict[str, float | list]:
         ("all_attributes", "all_attributes"),
         ("coherence", "coherent"),
     ):
-        rate(key, [float(getattr(r, field_name)) for r in results], n)
+        rate(key, [float(getattr(r, field_name)) for r in results])
     frames = torch.tensor([r.frame_coherent for r in results], dtype=torch.float64)  # [N, F]
-    rate("frame_coherence", frames.mean(1).tolist(), n)
+    rate("frame_coherence", frames.mean(1).tolist())
     mean("trajectory_error", [r.trajectory_error for r in results])
-    rate("precision", [float(r.precise) for r in results], n)
+    rate("precision", [float(r.precise) for r in results])
     mean("rmse", [r.rmse for r in results])
 
     by_prompt: dict[Prompt, list[int]] = {}
@@ -202,15 +201,15 @@ def summarise(results: Sequence[SampleResult]) -> dict[str, float | list]:
         hit.append(float((freq > 0).double().mean()))
         # Total variation distance to the data's shade distribution, uniform over the shades.
         tv.append(0.5 * float((freq - 1.0 / num_shades).abs().sum()))
-    rate("shades_hit", hit, len(hit))
-    rate("all_shades_hit", [float(h == 1.0) for h in hit], len(hit))
+    rate("shades_hit", hit)
+    rate("all_shades_hit", [float(h == 1.0) for h in hit])
     mean("shade_tv", tv)
     counts = torch.bincount(torch.tensor([r.nearest_shade for r in results]), minlength=num_shades)
     out["shade_counts"] = [int(c) for c in counts]
 
     by_frame = frames.mean(0).tolist()
     out["coherence_by_frame"] = by_frame
-    out["coherence_by_frame_ci"] = [list(wilson_interval(p, n)) for p in by_frame]
+    out["coherence_by_frame_ci"] = [list(wilson_interval(p, len(results))) for p in by_frame]
     return out
 
 

@@ -107,10 +107,11 @@ def _windows(results: Mapping) -> list[tuple[str, Mapping]]:
     """(title, summary) of the 12-frame held-out evaluation and of each long-rollout segment."""
     windows = [("held-out, 12 frames", results["heldout"]["summary"])]
     if "heldout_long" in results:
+        total = len(results["heldout_long"]["summary"]["coherence_by_frame"])
         start = 1
         for seg in results["heldout_long"]["segments"]:
             length = len(seg["coherence_by_frame"])
-            windows.append((f"36 frames: {start}-{start + length - 1}", seg))
+            windows.append((f"{total} frames: {start}-{start + length - 1}", seg))
             start += length
     return windows
 
@@ -160,7 +161,7 @@ def _targets(metrics: Mapping, inputs: ReportInputs) -> list[str]:
     )
     rivals = [r for r in RIVALS if r in metrics and r in inputs.students]
     windows = _windows(metrics[METHOD])
-    for key in VERDICT_KEYS:
+    for key in VERDICT_KEYS if rivals else ():
         misses = []
         for r in rivals:
             theirs = dict(_windows(metrics[r]))
