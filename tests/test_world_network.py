@@ -95,3 +95,86 @@ def test_world_rollout_runs_past_the_position_table():
             for s in range(0, 36, 3)
         ]  # fmt: skip
     assert all(torch.isfinite(o).all() for o in outs)
+
+
+SINCOS = WORLD.replace(pos_embed_type="sincos")
+
+
+def test_sincos_positions_are_fixed_features_of_one_axis_each():
+    model = WanModel(SINCOS)
+    assert not any("pos_embedding" in k for k in model.state_dict())  # a function of the config, no weights
+    n_frames = SINCOS.pos_embed_frames
+    emb = model.pos_embedding((n_frames + 3, 4, 4), start_frame=0).view(n_frames + 3, 4, 4, -1).double()
+    # every token's features are sin/cos pairs: squared norm dim / 2, whatever the position
+    assert torch.allclose(emb.pow(2).sum(-1), torch.full(emb.shape[:3], SINCOS.dim / 2, dtype=torch.float64))
+    # frames past the table repeat its last row (the clamp)
+    assert torch.equal(emb[n_frames:], emb[n_frames - 1 : n_frames].expand(3, -1, -1, -1))
+    emb = emb[:n_frames]
+    # each channel follows exactly one axis (frame, row or column); together they cover every channel
+    moves = [(emb - emb.mean(dim=axis, keepdim=True)).abs().amax(dim=(0, 1, 2)) > 1e-9 for axis in range(3)]
+    assert torch.equal(
+        moves[0].int() + moves[1].int() + moves[2].int(), torch.ones(SINCOS.dim, dtype=torch.int)
+    )
+    for axis, n in zip(range(3), (n_frames, 4, 4), strict=True):
+        channels = moves[axis].nonzero().flatten()
+        feats = emb.movedim(axis, 0)[:, 0, 0, channels]  # [n, d_axis] along this axis
+        half = len(channels) // 2
+        periods = [3.0 * (4.0 * n / 3.0) ** (i / (half - 1)) for i in range(half)]  # geometric from 3 to 4n
+        for p in range(n):
+            want = [math.sin(2 * math.pi * p / T) for T in periods] + [
+                math.cos(2 * math.pi * p / T) for T in periods
+            ]
+            assert torch.allclose(feats[p], torch.tensor(want, dtype=torch.float64), atol=1e-6)
+    # every (frame, row, column) in the table has its own embedding
+    flat = emb.reshape(-1, SINCOS.dim)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat), dtype=torch.float64)).min() > 0.1
+
+
+def test_text_time_embedding_adds_the_pooled_prompt_to_the_time_embedding():
+    cfg = SINCOS.replace(text_time_embedding=True)
+    for name in ("wan2.1-t2v-1.3b", "tiny"):
+        assert not WanConfig.preset(name).text_time_embedding
+    model = WanModel(cfg)
+    t = torch.tensor([[300.0], [900.0]])
+    context = torch.randn(2, 6, cfg.text_dim)
+    e_init = model.embed_time(t, context)[0]
+    # a fresh network starts from the time embedding alone (the prompt's layer starts at zero)
+    half = cfg.freq_dim // 2  # Wan's time embedding: [cos(t w_i), sin(t w_i)], w_i = 10000^(-i/half)
+    angles = t.double() * torch.pow(10000.0, -torch.arange(half, dtype=torch.float64) / half)
+    sinusoid = torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+    assert torch.allclose(e_init, model.time_embedding(sinusoid)[:, None], atol=1e-5)
+    randomize_(model)
+    e, e0 = model.embed_time(t, context)
+    w1, w2 = model.text_time_embedding[0], model.text_time_embedding[2]
+    pooled = context.sum(1) / cfg.text_len  # zero padding to text_len rows changes nothing
+    prompt = torch.nn.functional.linear(
+        torch.nn.functional.silu(torch.nn.functional.linear(pooled, w1.weight, w1.bias)), w2.weight, w2.bias
+    )
+    assert torch.allclose(e, (model.time_embedding(sinusoid) + prompt)[:, None], atol=1e-5)
+    padded = torch.cat([context, torch.zeros(2, cfg.text_len - 6, cfg.text_dim)], dim=1)
+    assert torch.equal(model.embed_time(t, padded)[1], e0)
+    # the prompt now reaches every block's modulation
+    assert not torch.allclose(model.embed_time(t, context.flip(0))[1], e0)
+    with pytest.raises(ValueError, match="text context"):
+        model.embed_time(t)
+
+
+@pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
+def test_sincos_text_time_causal_cache_equals_training_path(local, sink):
+    cfg = SINCOS.replace(text_time_embedding=True)
+    model = randomize_(CausalWanModel(cfg, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 48, 12, 4, 4, generator=g)
+    t = torch.rand(2, 12, generator=g) * 1000
+    c = torch.randn(2, 6, cfg.text_dim, generator=g)
+    kv = KVCache.for_model(model, 2, (4, 4), 12)
+    xc = CrossAttentionCache.for_model(model)
+    with torch.no_grad():
+        full = model(x, t, c)
+        blocks = [
+            model(
+                x[:, :, s : s + 3], t[:, s : s + 3], c, kv_cache=kv, crossattn_cache=xc, current_start_frame=s
+            )
+            for s in range(0, 12, 3)
+        ]
+    assert (full - torch.cat(blocks, dim=2)).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())

@@ -126,7 +126,7 @@ class CausalWanModel(WanBackbone):
                 x.device,
                 use_flex,
             )
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t, context)
         text = self.embed_text(context)
         # 2. blocks
         for i in range(len(self.blocks)):
@@ -146,7 +146,7 @@ class CausalWanModel(WanBackbone):
                 f"KV cache was sized for {kv_cache.tokens_per_frame} tokens per frame, input has {grid[1] * grid[2]}"
             )
         t = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)[:, :: self.config.patch_size[0]]
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t, context)
         rope = Rope.for_grid(self.config, grid, start_frame, x.device, tokens.dtype)
         # Text K/V: reuse the cache in no-grad calls; differentiable calls recompute so that gradients
         # reach the text path (text_embedding and the cross-attention k/v projections).

@@ -36,6 +36,13 @@ class WanConfig:
     # row and column of a `pos_embed_grid` token grid. 0 / (0, 0): none (Wan2.1 has only RoPE).
     pos_embed_frames: int = 0
     pos_embed_grid: tuple[int, int] = (0, 0)
+    # "learned": trained rows (initialised at std 0.02, ViT-style); "sincos": fixed sin/cos features of
+    # each axis (DiT-style, no parameters), at the scale of the patch tokens from the first step, so
+    # the network can place things by position without first having to grow its position rows.
+    pos_embed_type: str = "learned"
+    # Add an embedding of the pooled prompt to the time embedding, so the prompt also reaches every
+    # block through the adaLN modulation (not only through cross-attention).
+    text_time_embedding: bool = False
     qk_norm_init: float = 1.0  # initial q/k RMSNorm weight (sharper attention at start when > 1)
     zero_init_gates: bool = False  # adaLN-Zero: residual gates start at 0, every block starts as identity
 
@@ -51,6 +58,8 @@ class WanConfig:
                 f"WanConfig: pos_embed_frames={self.pos_embed_frames} and pos_embed_grid={self.pos_embed_grid} "
                 "must be set together (both > 0) or not at all"
             )
+        if self.pos_embed_type not in ("learned", "sincos"):
+            raise ValueError(f"WanConfig: pos_embed_type must be 'learned' or 'sincos', got {self.pos_embed_type!r}")
 
     @property
     def head_dim(self) -> int:

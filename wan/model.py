@@ -41,7 +41,7 @@ class WanModel(WanBackbone):
         tokens, grid = self.embed_video(x)
         t = torch.as_tensor(t, device=x.device)
         t = t[:, None] if t.dim() == 1 else frame_timesteps(t, b, f)[:, :: self.config.patch_size[0]]
-        e, e0 = self.embed_time(t)
+        e, e0 = self.embed_time(t, context)
         text = self.embed_text(context)
         rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
         # 2. blocks

@@ -281,9 +281,32 @@ class Head(nn.Module):
         return self.head(h.type_as(x))
 
 
-class PositionEmbedding(nn.Module):
-    """Learned absolute position embedding `frame[f] + height[h] + width[w]` (see WanConfig.pos_embed_*).
+def sincos_features(num_positions: int, dim: int) -> torch.Tensor:
+    """Fixed features `[num_positions, dim]` of integer positions 0..n-1: `[sin(2 pi p / T_i), cos(...)]`
+    for dim/2 periods T_i spaced geometrically from 3 to 4n: the shortest tells neighbours apart (a
+    period of 2 would make its sine vanish at every integer), the longest never wraps over the n
+    positions (computed in float64)."""
+    if dim % 2:
+        raise ValueError(f"sincos_features: dim must be even, got {dim}")
+    half = dim // 2
+    periods = torch.logspace(math.log10(3.0), math.log10(4.0 * num_positions), half, dtype=torch.float64)
+    angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * (2 * math.pi / periods)[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
+
+def sincos_axis_dims(dim: int) -> tuple[int, int, int]:
+    """How `sincos` position features split `dim` between (frame, height, width): even parts, a third
+    for frames (rounded down to even), the rest halved between rows and columns."""
+    frame = (dim // 3) // 2 * 2
+    height = (dim - frame) // 4 * 2
+    return frame, height, dim - frame - height
+
+
+class PositionEmbedding(nn.Module):
+    """Absolute position embedding `frame[f] + height[h] + width[w]` (see WanConfig.pos_embed_*).
+
+    `learned`: three trained tables. `sincos`: fixed features, the frame / height / width features
+    side by side in disjoint channels (zero elsewhere), so the sum is their concatenation.
     Frame rows are clamped: frame f >= pos_embed_frames - 1 uses the last row. Training on clips longer
     than the table therefore trains the last row at every later position, and a rollout past the
     training length sees nothing new; relative order comes from RoPE.
@@ -292,9 +315,21 @@ class PositionEmbedding(nn.Module):
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
         gh, gw = cfg.pos_embed_grid
-        self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
-        self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
-        self.width = nn.Parameter(torch.zeros(gw, cfg.dim))
+        self.kind = cfg.pos_embed_type
+        if self.kind == "learned":
+            self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
+            self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
+            self.width = nn.Parameter(torch.zeros(gw, cfg.dim))
+        else:  # constants: buffers outside the state dict (a pure function of the config)
+            df, dh, dw = sincos_axis_dims(cfg.dim)
+            tables = []
+            for n, d, offset in ((cfg.pos_embed_frames, df, 0), (gh, dh, df), (gw, dw, df + dh)):
+                table = torch.zeros(n, cfg.dim)
+                table[:, offset : offset + d] = sincos_features(n, d)
+                tables.append(table)
+            self.register_buffer("frame", tables[0], persistent=False)
+            self.register_buffer("height", tables[1], persistent=False)
+            self.register_buffer("width", tables[2], persistent=False)
 
     def forward(self, grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
         """`[F*H*W, dim]` for a token grid (F, H, W) whose first frame has absolute index `start_frame`."""
@@ -324,6 +359,12 @@ class WanBackbone(nn.Module):
         )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        # The pooled prompt, added to the time embedding (WanConfig.text_time_embedding).
+        self.text_time_embedding = (
+            nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+            if cfg.text_time_embedding
+            else None
+        )
         self.blocks = nn.ModuleList([WanAttentionBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.pos_embedding = PositionEmbedding(cfg) if cfg.pos_embed_frames > 0 else None
@@ -348,6 +389,9 @@ class WanBackbone(nn.Module):
         if self.pos_embedding is not None:
             for table in self.pos_embedding.parameters():
                 nn.init.normal_(table, std=0.02)
+        if self.text_time_embedding is not None:  # starts as a no-op: the time embedding alone
+            nn.init.normal_(self.text_time_embedding[0].weight, std=0.02)
+            nn.init.zeros_(self.text_time_embedding[2].weight)
         for block in self.blocks:
             for norm in (block.self_attn.norm_q, block.self_attn.norm_k):
                 if isinstance(norm, RMSNorm):
@@ -390,14 +434,25 @@ class WanBackbone(nn.Module):
             context = torch.cat([context, context.new_zeros(b, text_len - length, context.shape[-1])], dim=1)
         return self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
 
-    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t `[B, Fm]` -> e `[B, Fm, dim]` (head) and e0 `[B, Fm, 6, dim]` (blocks)."""
+    def embed_time(
+        self, t: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """t `[B, Fm]` -> e `[B, Fm, dim]` (head) and e0 `[B, Fm, 6, dim]` (blocks).
+
+        With `text_time_embedding`, `context` `[B, L, text_dim]` (L <= text_len) is pooled (its sum
+        over the rows divided by text_len, so zero padding changes nothing) and its embedding added to e.
+        """
         b, fm = t.shape
         dtype = self.time_embedding[0].weight.dtype
         s = sinusoidal_embedding(t.flatten(), self.config.freq_dim).to(dtype)
-        e = self.time_embedding(s)
+        e = self.time_embedding(s).view(b, fm, -1)
+        if self.text_time_embedding is not None:
+            if context is None:
+                raise ValueError("text_time_embedding needs the text context in embed_time")
+            pooled = context.to(dtype).sum(dim=1) / self.config.text_len  # [B, text_dim]
+            e = e + self.text_time_embedding(pooled)[:, None]
         e0 = self.time_projection(e).unflatten(-1, (6, self.config.dim))
-        return e.view(b, fm, -1), e0.view(b, fm, 6, -1)
+        return e, e0
 
     def run_block(self, i: int, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         block = self.blocks[i]
