@@ -59,7 +59,9 @@ class WanConfig:
                 "must be set together (both > 0) or not at all"
             )
         if self.pos_embed_type not in ("learned", "sincos"):
-            raise ValueError(f"WanConfig: pos_embed_type must be 'learned' or 'sincos', got {self.pos_embed_type!r}")
+            raise ValueError(
+                f"WanConfig: pos_embed_type must be 'learned' or 'sincos', got {self.pos_embed_type!r}"
+            )
 
     @property
     def head_dim(self) -> int:
