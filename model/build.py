@@ -329,5 +329,6 @@ def build_objective_from_config(
             scheduler,
             num_frame_per_block=cfg.num_frame_per_block,
             independent_first_frame=cfg.independent_first_frame,
+            denoising_loss_type=cfg.denoising_loss_type,
         )
     raise ConfigError(f"unknown trainer {name!r}")

@@ -119,7 +119,8 @@ def test_exact_ode_reproduces_the_data(teacher, encoder):
         assert rmse.min() < 0.02, rmse
 
 
-def test_teacher_regression_loss_is_the_formula(teacher, encoder):
+@pytest.mark.parametrize("loss_type", ["flow", "x0"])
+def test_teacher_regression_loss_is_the_formula(teacher, encoder, loss_type):
     from model import TeacherRegression
     from wan import CausalWanModel, WanConfig, WanDiffusionWrapper
 
@@ -128,7 +129,7 @@ def test_teacher_regression_loss_is_the_formula(teacher, encoder):
     sched = FlowMatchScheduler(shift=5.0)
     net = randomize_(CausalWanModel(WanConfig.preset("world"), num_frame_per_block=6))
     gen = WanDiffusionWrapper(net, sched)
-    obj = TeacherRegression(gen, teacher, sched, num_frame_per_block=6)
+    obj = TeacherRegression(gen, teacher, sched, num_frame_per_block=6, denoising_loss_type=loss_type)
     p = all_prompts()[5]
     clean = WorldCodec().encode(render_prompt(p, 6).transpose(1, 2))[:2]
     batch = {"clean_latent": clean, "prompt_embeds": encoder([p.text] * 2)["prompt_embeds"]}
@@ -142,5 +143,10 @@ def test_teacher_regression_loss_is_the_formula(teacher, encoder):
         v_teacher, _ = teacher(noisy, t, batch["prompt_embeds"])
         v_student, _ = gen(noisy, t, batch["prompt_embeds"])
     per_frame = ((v_student - v_teacher) ** 2).mean(dim=(2, 3, 4))
-    want = (sched.training_weight(t) * per_frame).mean()
-    assert math.isclose(loss.item(), want.item(), rel_tol=1e-5)
+    if loss_type == "flow":
+        want = (sched.training_weight(t) * per_frame).mean()
+    else:  # the x0 error is sigma times the flow error (x0 = x_t - sigma v): sigma^2-weighted flow loss
+        want = ((t / 1000.0) ** 2 * per_frame).mean()
+    assert math.isclose(loss.item(), want.item(), rel_tol=1e-4)
+    with pytest.raises(ValueError, match="denoising_loss_type"):
+        TeacherRegression(gen, teacher, sched, denoising_loss_type="eps")

@@ -122,7 +122,7 @@ class TrainConfig:
     ts_schedule_max: bool = False  # upper bound of critic t = the rollout's denoised_timestep_from
     min_score_timestep: int = 0  # lower bound of critic t when ts_schedule is off
     num_train_timestep: int = 1000  # T of the flow-matching process
-    denoising_loss_type: str = "flow"  # critic loss target: "flow" or "x0"
+    denoising_loss_type: str = "flow"  # critic's (and teacher_regression's) loss target: "flow" or "x0"
     sid_alpha: float = 1.0  # SiD alpha
     dfake_gen_update_ratio: int = 5  # critic steps per generator step
 
