@@ -160,8 +160,8 @@ def test_text_time_embedding_adds_the_pooled_prompt_to_the_time_embedding():
 
 
 @pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
-def test_sincos_text_time_causal_cache_equals_training_path(local, sink):
-    cfg = SINCOS.replace(text_time_embedding=True)
+def test_sincos_text_time_x0_causal_cache_equals_training_path(local, sink):
+    cfg = SINCOS.replace(text_time_embedding=True, predict_x0=True)
     model = randomize_(CausalWanModel(cfg, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 48, 12, 4, 4, generator=g)
@@ -178,3 +178,26 @@ def test_sincos_text_time_causal_cache_equals_training_path(local, sink):
             for s in range(0, 12, 3)
         ]
     assert (full - torch.cat(blocks, dim=2)).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())
+
+
+def test_predict_x0_returns_the_flow_whose_x0_is_the_head_output():
+    from utils.scheduler import FlowMatchScheduler
+    from wan import WanDiffusionWrapper
+
+    plain = randomize_(WanModel(SINCOS))
+    x0_net = WanModel(SINCOS.replace(predict_x0=True))
+    x0_net.load_state_dict(plain.state_dict())  # the same weights: the head's output is the same tensor
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 48, 6, 4, 4, generator=g)
+    t = torch.tensor([[1000.0, 800.0, 500.0, 200.0, 20.0, 0.0], [999.0, 1.0, 0.5, 300.0, 700.0, 900.0]])
+    c = torch.randn(2, 6, SINCOS.text_dim, generator=g)
+    with torch.no_grad():
+        head = plain(x, t, c)  # without predict_x0 the head's output is returned as it is
+        flow = x0_net(x, t, c)
+        sigma = (t / 1000).clamp(min=1e-3)[:, None, :, None, None]
+        assert torch.allclose(flow, (x - head) / sigma, rtol=1e-5, atol=1e-4)
+        # seen through the wrapper (x0 = x - sigma v with the exact sigma), x0 is the head's output
+        _, x0 = WanDiffusionWrapper(x0_net, FlowMatchScheduler(shift=5.0))(x.transpose(1, 2), t, c)
+        above_floor = (t >= 1.0)[:, :, None, None, None]
+        diff = (x0 - head.transpose(1, 2)).abs() * above_floor
+        assert diff.max() < 1e-4

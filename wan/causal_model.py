@@ -91,7 +91,8 @@ class CausalWanModel(WanBackbone):
         # 1. embeddings
         tokens, grid = self.embed_video(x)
         frames, tpf = grid[0], grid[1] * grid[2]
-        t = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)[:, :: self.config.patch_size[0]]
+        t_frames = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)
+        t = t_frames[:, :: self.config.patch_size[0]]
         rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
         use_flex = use_flex_for(x.device, self.attn_backend)
         window = (self.local_attn_size, self.sink_size)
@@ -134,7 +135,7 @@ class CausalWanModel(WanBackbone):
         # 3. head on the noisy half only
         if clean_x is not None:
             tokens, e = tokens[:, frames * tpf :], e[:, frames:]
-        return self.unpatchify(self.head(tokens, e), grid)
+        return self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)
 
     # ------------------------------------------------------------------ inference path
     def _forward_inference(self, x, t, context, kv_cache, crossattn_cache, start_frame: int) -> torch.Tensor:
@@ -145,7 +146,8 @@ class CausalWanModel(WanBackbone):
             raise ValueError(
                 f"KV cache was sized for {kv_cache.tokens_per_frame} tokens per frame, input has {grid[1] * grid[2]}"
             )
-        t = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)[:, :: self.config.patch_size[0]]
+        t_frames = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)
+        t = t_frames[:, :: self.config.patch_size[0]]
         e, e0 = self.embed_time(t, context)
         rope = Rope.for_grid(self.config, grid, start_frame, x.device, tokens.dtype)
         # Text K/V: reuse the cache in no-grad calls; differentiable calls recompute so that gradients
@@ -157,4 +159,4 @@ class CausalWanModel(WanBackbone):
             text_i = crossattn_cache.slot(i, text) if use_xcache else text
             hook = kv_cache.layers[i].hook(start_frame, frames)
             tokens = self.run_block(i, tokens, e0, text_i, rope, kv_hook=hook)
-        return self.unpatchify(self.head(tokens, e), grid)
+        return self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)

@@ -43,6 +43,10 @@ class WanConfig:
     # Add an embedding of the pooled prompt to the time embedding, so the prompt also reaches every
     # block through the adaLN modulation (not only through cross-attention).
     text_time_embedding: bool = False
+    # The head predicts the clean latents x0 and the network returns the flow (x_t - x0) / sigma
+    # (sigma = t / 1000), so callers still see Wan's flow interface. A flow target carries the input's
+    # noise, which a narrow network must pass through its residual stream; an x0 target does not.
+    predict_x0: bool = False
     qk_norm_init: float = 1.0  # initial q/k RMSNorm weight (sharper attention at start when > 1)
     zero_init_gates: bool = False  # adaLN-Zero: residual gates start at 0, every block starts as identity
 

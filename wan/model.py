@@ -40,7 +40,8 @@ class WanModel(WanBackbone):
         # 1. embeddings
         tokens, grid = self.embed_video(x)
         t = torch.as_tensor(t, device=x.device)
-        t = t[:, None] if t.dim() == 1 else frame_timesteps(t, b, f)[:, :: self.config.patch_size[0]]
+        t_frames = frame_timesteps(t, b, f)
+        t = t[:, None] if t.dim() == 1 else t_frames[:, :: self.config.patch_size[0]]
         e, e0 = self.embed_time(t, context)
         text = self.embed_text(context)
         rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
@@ -51,5 +52,5 @@ class WanModel(WanBackbone):
             if i in hidden_states_at:
                 hidden.append(tokens)
         # 3. head and unpatchify
-        out = self.unpatchify(self.head(tokens, e), grid)
+        out = self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)
         return (out, hidden) if hidden_states_at else out

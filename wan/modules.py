@@ -18,6 +18,8 @@ from .config import WanConfig
 
 # Wan's RoPE base (spec §1.4).
 ROPE_THETA = 10000.0
+# WanConfig.predict_x0: the smallest sigma the flow (x - x0) / sigma divides by.
+PREDICT_X0_MIN_SIGMA = 1e-3
 
 # A hook that turns this call's (roped) keys/values `[B, L, H, D]` into the keys/values to attend to
 # (the causal model's KV cache). None means: attend to this call's own tokens.
@@ -465,6 +467,16 @@ class WanBackbone(nn.Module):
             with offload:
                 return torch.utils.checkpoint.checkpoint(block, x, *args, use_reentrant=False, **kwargs)
         return block(x, *args, **kwargs)
+
+    def as_flow(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The head's unpatchified output `out` `[B, C, F, H, W]` as a flow prediction for the input `x`
+        at per-frame timesteps `t` `[B, F]`: itself, or with `predict_x0` `(x - out) / sigma` in float32
+        (sigma = t / 1000, floored at PREDICT_X0_MIN_SIGMA so a clean pass at t = 0 stays finite: the
+        wrapper's `x0 = x - sigma * flow` then gives back `out` for every t above the floor)."""
+        if not self.config.predict_x0:
+            return out
+        sigma = (t.float() / 1000.0).clamp(min=PREDICT_X0_MIN_SIGMA)[:, None, :, None, None]
+        return ((x.float() - out.float()) / sigma).to(out.dtype)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """`[B, F'*H'*W', prod(patch)*C]` -> `[B, C, F'*pt, H'*ph, W'*pw]` (channels fastest in a patch)."""
