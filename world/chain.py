@@ -5,6 +5,8 @@ command runs again, an interrupted one resumes from its last checkpoint):
 
 0. data        prompt files (train / held-out) and the training clips as a clean-latent LMDB
 1. base        bidirectional world network regressing the exact teacher (train.py, teacher_regression)
+   base_eval   the base's own samples (the students' 4-step schedule, a 40-step ODE) and its x0 error
+               against the exact teacher: every later stage inherits its quality
 2. ode_pairs   exact-teacher ODE trajectories (scripts/generate_ode_pairs.py --weights exact)
 3. ode         ODE-regression initialisation of the causal student (train.py, ode)
 4. sf_dmd      Self-Forcing DMD from the ODE init (train.py, dmd)
@@ -97,6 +99,20 @@ TRAIN_FRAMES = 12
 LONG_FRAMES = 36
 # Long rollouts: a rolling KV window of 12 frames whose first block (3 frames) is a sink.
 LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
+BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
+X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
+
+
+def load_student_config(stage: str):
+    from utils.config import load_config
+
+    return load_config(str(CONFIGS / f"{CONFIG_OF[stage]}.yaml"))
+
+
+def few_step_overrides(cfg) -> list[str]:
+    """Overrides that give another config this one's few-step schedule."""
+    steps = ",".join(str(s) for s in cfg.denoising_step_list)
+    return [f"denoising_step_list=[{steps}]", f"warp_denoising_step={str(cfg.warp_denoising_step).lower()}"]
 
 
 def _say(message: str) -> None:
@@ -247,6 +263,7 @@ class Chain:
             [paths["clips"]],
             p.base_steps,
         )
+        self.evaluate_base()
         self.ode_pairs()
         self.train(
             "ode", "ODE initialisation of the causal student from the base",
@@ -273,7 +290,7 @@ class Chain:
         )
         from .report import ReportInputs, write_report
 
-        stages = ("data", "base", "ode_pairs", "ode", "sf_dmd", *p.baselines, "eval")
+        stages = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *p.baselines, "eval")
         write_report(
             ReportInputs(
                 root=self.root, profile=p.name, machine=self.machine(),
@@ -296,9 +313,44 @@ class Chain:
         train, heldout = split_prompts()
         return {"heldout": heldout, "train": train[: self.profile.eval_train_prompts]}
 
+    def evaluate_base(self) -> None:
+        """The base model's own quality: every later stage inherits it (the ODE pairs' student starts
+        from it, the critics of every distillation run too)."""
+        from .evaluate import evaluate
+        from .sampling import base_ode_samples, base_x0_rmse, generate
+
+        def run() -> None:
+            p = self.profile
+            prompts = self.eval_prompts()
+            base, config = self.stage_dir("base"), CONFIGS / "base.yaml"
+            # The students' few-step schedule, applied to the whole clip at once.
+            schedule = few_step_overrides(load_student_config("sf_dmd"))
+            results: dict[str, dict] = {}
+            for split in ("heldout", "train"):
+                asked = [q for q in prompts[split] for _ in range(p.eval_samples)]
+                for name, videos in (
+                    (split, lambda a=asked: generate(base, config, a, TRAIN_FRAMES, schedule)),
+                    (f"{split}_ode{BASE_ODE_STEPS}", lambda a=asked: base_ode_samples(base, config, a, TRAIN_FRAMES, BASE_ODE_STEPS)),
+                ):  # fmt: skip
+                    ev = evaluate(videos(), asked)
+                    results[name] = {"summary": ev.summary(), "segments": ev.per_segment()}
+            results["x0_rmse"] = {
+                split: base_x0_rmse(base, config, prompts[split], TRAIN_FRAMES, X0_TIMESTEPS)
+                for split in ("heldout", "train")
+            }
+            (self.stage_dir("base_eval") / "metrics.json").write_text(json.dumps(results, indent=1))
+            s = results[f"heldout_ode{BASE_ODE_STEPS}"]["summary"]
+            _say(
+                f"  base, held-out, {BASE_ODE_STEPS}-step ODE: all attributes {s['all_attributes']:.2f}, "
+                f"coherence {s['coherence']:.2f}; x0 RMSE vs the exact teacher {results['x0_rmse']['heldout']}"
+            )
+
+        self._run_stage("base_eval", "evaluate the base model (4-step and ODE samples, x0 error)", run)
+
     def evaluate(self) -> None:
         from .evaluate import evaluate
         from .render import render_prompt
+        from .sampling import generate
 
         p = self.profile
         prompts = self.eval_prompts()
@@ -317,12 +369,14 @@ class Chain:
             ev = evaluate(clips, asked)
             data_rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
         results["data"] = data_rows
+        results["base"] = json.loads((self.stage_dir("base_eval") / "metrics.json").read_text())
         for student in self.students():
             rows = {}
             for split, (plist, n, frames) in jobs.items():
                 asked = [q for q in plist for _ in range(n)]
+                window = LONG_WINDOW if frames > TRAIN_FRAMES else ()
                 videos = generate(
-                    self.stage_dir(student), CONFIGS / f"{CONFIG_OF[student]}.yaml", asked, frames
+                    self.stage_dir(student), CONFIGS / f"{CONFIG_OF[student]}.yaml", asked, frames, window
                 )
                 ev = evaluate(videos, asked)
                 rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
@@ -338,48 +392,3 @@ class Chain:
 
     def machine(self) -> str:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {self.profile.nproc} process(es)"
-
-
-@torch.no_grad()
-def generate(run_dir: Path, config: Path, prompts: list, num_frames: int, seed: int = 0) -> torch.Tensor:
-    """Pixels `[N, F, 3, 16, 16]` from a trained student with the few-step autoregressive pipeline that
-    `inference.py` uses; sample i uses noise seeded by (seed, i), the same for every student."""
-    from model.build import make_dit, step_list
-    from pipeline import CausalInferencePipeline
-    from utils.checkpoint import read_run_model
-    from utils.config import load_config
-
-    from .codec import WorldCodec
-    from .text import WorldTextEncoder
-
-    overrides = list(LONG_WINDOW) if num_frames > TRAIN_FRAMES else []
-    cfg = load_config(str(config), overrides)
-    wrapper = make_dit(cfg, "generator")
-    wrapper.load_state_dict(read_run_model(run_dir, "generator"))
-    wrapper.eval()
-    codec = WorldCodec()
-    pipe = CausalInferencePipeline(
-        wrapper,
-        wrapper.scheduler,
-        [s for s in step_list(cfg) if s > 0],
-        cfg.num_frame_per_block,
-        context_noise=cfg.context_noise,
-        vae=codec,
-    )
-    text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
-    _, _, c, h, w = cfg.image_or_video_shape
-    noise = torch.stack(
-        [
-            torch.randn(num_frames, c, h, w, generator=torch.Generator().manual_seed(seed * 100003 + i))
-            for i in range(len(prompts))
-        ]
-    )
-    cond = {"prompt_embeds": text([q.text for q in prompts])["prompt_embeds"]}
-    out = []
-    for start in range(0, len(prompts), 64):
-        part = slice(start, start + 64)
-        g = torch.Generator().manual_seed(seed + start)
-        out.append(
-            pipe.inference(noise[part], {"prompt_embeds": cond["prompt_embeds"][part]}, generator=g).videos
-        )
-    return torch.cat(out)

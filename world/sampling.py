@@ -1,0 +1,179 @@
+"""Samples of the chain's trained networks, the same way for every method: the students' few-step
+autoregressive pipeline, the base model's own samplers, and the base's denoising error.
+
+Sample i of a call always starts from the noise seeded by (seed, i), so every method (and the base)
+is judged on the same noise for the same prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .codec import WorldCodec
+from .render import Prompt, render_prompt
+from .teacher import ExactTeacher
+from .text import WorldTextEncoder
+
+__all__ = [
+    "base_ode_samples", "base_x0_rmse", "bidirectional_copy", "few_step_samples", "generate", "load_network",
+    "ode_samples", "seeded_noise", "x0_rmse",
+]  # fmt: skip
+
+BATCH = 64  # videos per pipeline call (memory is small; this only bounds peak RSS)
+
+
+def seeded_noise(count: int, frames: int, shape: Sequence[int], seed: int) -> Tensor:
+    """`[count, frames, C, h, w]`: sample i's noise is seeded by (seed, i), whatever `count` is."""
+    return torch.stack(
+        [
+            torch.randn(frames, *shape, generator=torch.Generator().manual_seed(seed * 100003 + i))
+            for i in range(count)
+        ]
+    )
+
+
+def load_network(run_dir: Path, config: Path, overrides: Sequence[str] = ()):
+    """(config, generator wrapper in eval mode with the run's trained weights)."""
+    from model.build import make_dit
+    from utils.checkpoint import read_run_model
+    from utils.config import load_config
+
+    cfg = load_config(str(config), list(overrides))
+    wrapper = make_dit(cfg, "generator")
+    wrapper.load_state_dict(read_run_model(run_dir, "generator"))
+    return cfg, wrapper.eval()
+
+
+def _prompt_embeds(wrapper, prompts: Sequence[Prompt]) -> Tensor:
+    text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
+    return text([q.text for q in prompts])["prompt_embeds"]
+
+
+@torch.no_grad()
+def few_step_samples(
+    wrapper, step_list: Sequence[float], num_frame_per_block: int, prompts: Sequence[Prompt], num_frames: int,
+    context_noise: float = 0.0, seed: int = 0,
+) -> Tensor:  # fmt: skip
+    """Pixels `[N, F, 3, 16, 16]` from a generator wrapper with the few-step autoregressive pipeline that
+    `inference.py` uses (a causal model whose one block spans the clip samples it bidirectionally)."""
+    from pipeline import CausalInferencePipeline
+
+    pipe = CausalInferencePipeline(
+        wrapper, wrapper.scheduler, [s for s in step_list if s > 0], num_frame_per_block,
+        context_noise=context_noise, vae=WorldCodec(),
+    )  # fmt: skip
+    c, h, w = wrapper.config.in_dim, *_latent_grid()
+    noise = seeded_noise(len(prompts), num_frames, (c, h, w), seed)
+    embeds = _prompt_embeds(wrapper, prompts)
+    out = []
+    for start in range(0, len(prompts), BATCH):
+        part = slice(start, start + BATCH)
+        g = torch.Generator().manual_seed(seed + start)
+        out.append(pipe.inference(noise[part], {"prompt_embeds": embeds[part]}, generator=g).videos)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def ode_samples(
+    wrapper, shift: float, prompts: Sequence[Prompt], num_frames: int, num_steps: int, seed: int = 0
+) -> Tensor:
+    """Pixels `[N, F, 3, 16, 16]`: a bidirectional network's probability-flow ODE, `num_steps` Euler
+    steps on its shifted grid, conditional score only (the world's prompts need no guidance)."""
+    from pipeline import BidirectionalSampler
+
+    sampler = BidirectionalSampler(wrapper, shift=shift, num_steps=num_steps, guidance_scale=1.0)
+    noise = seeded_noise(len(prompts), num_frames, (wrapper.config.in_dim, *_latent_grid()), seed)
+    embeds = _prompt_embeds(wrapper, prompts)
+    latents = torch.cat(
+        [
+            sampler.sample(noise[s : s + BATCH], embeds[s : s + BATCH]).latents
+            for s in range(0, len(prompts), BATCH)
+        ]
+    )
+    return WorldCodec().decode(latents)
+
+
+@torch.no_grad()
+def x0_rmse(
+    wrapper,
+    prompts: Sequence[Prompt],
+    num_frames: int,
+    timesteps: Sequence[float],
+    draws: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Root mean squared difference between a network's x0 prediction and the exact teacher's (the
+    posterior mean), over every clip of `prompts` noised to each timestep (`draws` noise draws each):
+    `{str(t): rmse}` in pixel units ([-1, 1])."""
+    text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
+    teacher = ExactTeacher(text)
+    clips = torch.stack([render_prompt(q, num_frames) for q in prompts]).flatten(0, 1)  # [P*S, F, 3, H, W]
+    clean = WorldCodec().encode(clips.transpose(1, 2))
+    per_prompt = clips.shape[0] // len(prompts)
+    embeds = text([q.text for q in prompts])["prompt_embeds"].repeat_interleave(per_prompt, 0)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for t_value in timesteps:
+        t = torch.full(clean.shape[:2], float(t_value))
+        squared = []
+        for _ in range(draws):
+            noisy = wrapper.scheduler.add_noise(clean, torch.randn(clean.shape, generator=g), t)
+            _, x0_teacher = teacher(noisy, t, embeds)
+            _, x0_net = wrapper(noisy, t, embeds)
+            squared.append(((x0_net.float() - x0_teacher.float()) ** 2).mean())
+        out[f"{float(t_value):g}"] = float(torch.stack(squared).mean().sqrt())
+    return out
+
+
+def bidirectional_copy(wrapper):
+    """The weights of a causal wrapper whose one block spans the clip, in a bidirectional `WanModel`
+    wrapper (the same function: full attention over the clip)."""
+    from wan import WanDiffusionWrapper, WanModel
+
+    copy = WanDiffusionWrapper(WanModel(wrapper.config), wrapper.scheduler)
+    copy.load_state_dict(wrapper.state_dict())
+    return copy.eval()
+
+
+# -- the same, for a trained run directory ----------------------------------------------------------
+
+
+def generate(
+    run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, overrides: Sequence[str] = (),
+    seed: int = 0,
+) -> Tensor:  # fmt: skip
+    """`few_step_samples` of a run's generator, with its config's block size, step list and window
+    (`overrides` change them)."""
+    from model.build import step_list
+
+    cfg, wrapper = load_network(run_dir, config, overrides)
+    return few_step_samples(
+        wrapper, step_list(cfg), cfg.num_frame_per_block, prompts, num_frames, cfg.context_noise, seed
+    )
+
+
+def base_ode_samples(
+    run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, num_steps: int, seed: int = 0
+) -> Tensor:
+    cfg, wrapper = load_network(run_dir, config)
+    return ode_samples(
+        bidirectional_copy(wrapper), cfg.model_kwargs.timestep_shift, prompts, num_frames, num_steps, seed
+    )
+
+
+def base_x0_rmse(
+    run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, timesteps: Sequence[float]
+) -> dict[str, float]:
+    _, wrapper = load_network(run_dir, config)
+    return x0_rmse(bidirectional_copy(wrapper), prompts, num_frames, timesteps)
+
+
+def _latent_grid() -> tuple[int, int]:
+    from .codec import FACTOR
+    from .render import SIZE
+
+    return SIZE // FACTOR, SIZE // FACTOR
