@@ -1,4 +1,4 @@
-"""The world preset's network options (learned absolute positions, RoPE base, adaLN-Zero gates):
+"""The world preset's network options (absolute positions, RoPE base, adaLN-Zero gates, prompt in adaLN, x0 head):
 Wan2.1 presets are untouched, the causal paths still agree, and the position rule holds element by element."""
 
 import math
@@ -31,8 +31,8 @@ def test_rope_theta_sets_the_angle_base():
     assert torch.allclose(angles[4, : dt // 2], torch.tensor(expected, dtype=torch.float64))
 
 
-def test_position_embedding_rule():
-    model = randomize_(WanModel(WORLD))
+def test_learned_position_embedding_rule():
+    model = randomize_(WanModel(WORLD.replace(pos_embed_type="learned")))
     pe = model.pos_embedding
     emb = pe((6, 4, 4), start_frame=1)
     for f in range(6):
@@ -47,7 +47,7 @@ def test_position_embedding_rule():
 
 def test_zero_init_gates_make_every_block_the_identity():
     model = WanModel(WORLD)  # fresh init, not randomised
-    e0 = model.embed_time(torch.tensor([[300.0], [900.0]]))[1]
+    e0 = model.embed_time(torch.tensor([[300.0], [900.0]]), torch.randn(2, WORLD.text_len, WORLD.text_dim))[1]
     text = torch.randn(2, WORLD.text_len, WORLD.dim)
     from wan.modules import Rope
 
@@ -184,7 +184,7 @@ def test_predict_x0_returns_the_flow_whose_x0_is_the_head_output():
     from utils.scheduler import FlowMatchScheduler
     from wan import WanDiffusionWrapper
 
-    plain = randomize_(WanModel(SINCOS))
+    plain = randomize_(WanModel(SINCOS.replace(predict_x0=False)))
     x0_net = WanModel(SINCOS.replace(predict_x0=True))
     x0_net.load_state_dict(plain.state_dict())  # the same weights: the head's output is the same tensor
     g = torch.Generator().manual_seed(2)

@@ -120,11 +120,13 @@ PRESETS: dict[str, WanConfig] = {
     ),
     # The shapes world (world/): 16x16 RGB pixel-unshuffled by 4 -> 48 x 4 x 4 latents, patch 1x1x1
     # (16 tokens per frame). Wan has only relative (RoPE) positions; this world needs absolute ones
-    # (objects start at the centre and bounce off the walls), hence the learned position embedding.
+    # (objects start at the centre and bounce off the walls), hence fixed sin/cos position features.
+    # The recipe was chosen by `python3 -m world.sweep` (README, "The shapes world"): width 128 (dim 64
+    # could not render the object sharply), the prompt also in the adaLN path, x0 prediction.
     "world": WanConfig(
-        dim=64,
-        ffn_dim=256,
-        num_heads=2,
+        dim=128,
+        ffn_dim=512,
+        num_heads=4,
         num_layers=2,
         patch_size=(1, 1, 1),
         in_dim=48,
@@ -135,6 +137,9 @@ PRESETS: dict[str, WanConfig] = {
         rope_theta=10.0,
         pos_embed_frames=12,  # the training length: every trained frame has its own row
         pos_embed_grid=(4, 4),
+        pos_embed_type="sincos",
+        text_time_embedding=True,
+        predict_x0=True,
         qk_norm_init=2.0,
         zero_init_gates=True,
     ),

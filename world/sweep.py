@@ -1,0 +1,214 @@
+"""Short probes of the shapes world's base model, one table: how the base recipe was chosen.
+
+Each variant trains a base (the `world` network preset with some options changed, regressing the exact
+teacher with the project's `TeacherRegression` objective on the training prompts' clips) in a plain
+in-process loop for a fixed number of steps, then is judged exactly as the chain judges the base
+(`world.sampling`: the students' 4-step schedule and a 40-step ODE on held-out and training prompts;
+x0 RMSE against the exact teacher at t = 200 / 500 / 800).
+
+    python3 -m world.sweep --variants base sincos sincos_text dim128 --steps 2000 --jobs 2
+    python3 -m world.sweep --table                # reprint the table from the results file
+
+Variants run in their own processes (`--jobs` at a time, one thread each); results are appended to
+`--results` (JSONL) so a sweep can be extended run by run and the table reprinted at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_RESULTS = Path("runs/world_sweep/results.jsonl")
+
+# name -> (WanConfig changes to the `world` preset, training changes). The history of the search,
+# in the order it was run; `python3 -m world.sweep --list` prints them.
+DIM128 = {"dim": 128, "ffn_dim": 512, "num_heads": 4}
+VARIANTS: dict[str, tuple[dict, dict]] = {
+    "learned_std0.02": ({"pos_embed_type": "learned"}, {"pos_init_std": 0.02}),
+    "learned_std0.5": ({"pos_embed_type": "learned"}, {"pos_init_std": 0.5}),
+    "learned_std0.5_text": ({"pos_embed_type": "learned", "text_time_embedding": True}, {"pos_init_std": 0.5}),
+    "sincos": ({"pos_embed_type": "sincos"}, {}),
+    "sincos_text": ({"pos_embed_type": "sincos", "text_time_embedding": True}, {}),
+    "sincos_text_cosine_lr3e-3": (
+        {"pos_embed_type": "sincos", "text_time_embedding": True},
+        {"lr": 3e-3, "warmup": 100, "decay": "cosine"},
+    ),
+    "sincos_text_dim96": ({"pos_embed_type": "sincos", "text_time_embedding": True, "dim": 96, "ffn_dim": 384, "num_heads": 3}, {}),
+    "sincos_text_dim128": ({"pos_embed_type": "sincos", "text_time_embedding": True, **DIM128}, {}),
+    "sincos_text_dim128_cosine": (
+        {"pos_embed_type": "sincos", "text_time_embedding": True, **DIM128},
+        {"warmup": 100, "decay": "cosine"},
+    ),
+}  # fmt: skip
+
+TRAIN_DEFAULTS = {"lr": 2e-3, "warmup": 0, "decay": "constant", "batch": 32, "pos_init_std": None, "seed": 1}
+FRAMES = 12
+X0_TIMESTEPS = (200, 500, 800)
+STUDENT_STEPS = (1000, 750, 500, 250)  # the students' schedule (configs/world/dmd.yaml), warped by the shift
+SHIFT = 5.0
+
+
+def lr_factor(step: int, steps: int, warmup: int, decay: str) -> float:
+    """Linear warm-up over `warmup` steps, then constant or cosine decay to 0 at `steps`."""
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if decay == "cosine":
+        factor *= 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    elif decay != "constant":
+        raise ValueError(f"decay must be constant or cosine, got {decay!r}")
+    return factor
+
+
+def run_variant(name: str, steps: int, eval_samples: int) -> dict:
+    """Train one variant in this process and judge it; returns the result row."""
+    from model.teacher_regression import TeacherRegression
+    from utils.scheduler import FlowMatchScheduler
+    from wan import CausalWanModel, WanConfig, WanDiffusionWrapper
+
+    from .codec import WorldCodec
+    from .evaluate import evaluate
+    from .render import render_prompt, split_prompts
+    from .sampling import bidirectional_copy, few_step_samples, ode_samples, x0_rmse
+    from .teacher import ExactTeacher
+    from .text import WorldTextEncoder
+
+    net_changes, train_changes = VARIANTS[name]
+    opts = {**TRAIN_DEFAULTS, **train_changes}
+    torch.manual_seed(opts["seed"])
+    cfg = WanConfig.preset("world").replace(**net_changes)
+    model = CausalWanModel(cfg, num_frame_per_block=FRAMES)  # one block: bidirectional, as the chain's base
+    if opts["pos_init_std"] is not None:
+        with torch.no_grad():
+            for table in model.pos_embedding.parameters():
+                table.normal_(std=opts["pos_init_std"])
+    scheduler = FlowMatchScheduler(shift=SHIFT)
+    wrapper = WanDiffusionWrapper(model, scheduler)
+    text = WorldTextEncoder(cfg.text_dim, cfg.text_len)
+    objective = TeacherRegression(wrapper, ExactTeacher(text), scheduler, num_frame_per_block=FRAMES)
+
+    train, heldout = split_prompts()
+    clips = torch.stack([render_prompt(q, FRAMES) for q in train]).flatten(0, 1)
+    latents = WorldCodec().encode(clips.transpose(1, 2))
+    embeds = text([q.text for q in train])["prompt_embeds"].repeat_interleave(clips.shape[0] // len(train), 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts["lr"], weight_decay=0.0)
+    g = torch.Generator().manual_seed(opts["seed"])
+    times, losses = [], []
+    start = time.perf_counter()
+    for step in range(steps):
+        tic = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = opts["lr"] * lr_factor(step, steps, opts["warmup"], opts["decay"])
+        rows = torch.randint(0, latents.shape[0], (opts["batch"],), generator=g)
+        loss, _ = objective.generator_loss({"clean_latent": latents[rows], "prompt_embeds": embeds[rows]}, {})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - tic)
+        losses.append(float(loss))
+        if step % 500 == 0:
+            print(
+                f"[{name}] step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    steps4 = [float(t) for t in scheduler.warp(list(STUDENT_STEPS))]
+    bidirectional = bidirectional_copy(wrapper)
+    row = {
+        "name": name, "steps": steps, "params": sum(p.numel() for p in model.parameters()),
+        "step_seconds": sorted(times)[len(times) // 2], "train_seconds": train_seconds,
+        "final_loss": sum(losses[-100:]) / min(100, len(losses)), "net": net_changes, "train": opts,
+    }  # fmt: skip
+    for split, prompts in (("heldout", heldout), ("train", train[:10])):
+        asked = [q for q in prompts for _ in range(eval_samples)]
+        four = few_step_samples(wrapper, steps4, FRAMES, asked, FRAMES)
+        ode = ode_samples(bidirectional, SHIFT, asked, FRAMES, 40)
+        row[f"{split}_4step"] = evaluate(four, asked).summary()
+        row[f"{split}_ode40"] = evaluate(ode, asked).summary()
+    row["x0_rmse"] = x0_rmse(bidirectional, heldout, FRAMES, X0_TIMESTEPS)
+    return row
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (
+        "| variant | params | steps | s/step | held-out 4-step: all / dir / shape / coh | held-out 40-step ODE: "
+        "all / coh / frame coh | train 4-step all | x0 RMSE t=200/500/800 |"
+    )
+    lines = [head, "|---" * 8 + "|"]
+    for r in rows:
+        h4, h40, t4, x0 = r["heldout_4step"], r["heldout_ode40"], r["train_4step"], r["x0_rmse"]
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e3:.0f}k | {r['steps']} | {r['step_seconds']:.2f} | "
+            f"{h4['all_attributes']:.2f} / {h4['direction']:.2f} / {h4['shape']:.2f} / {h4['coherence']:.2f} | "
+            f"{h40['all_attributes']:.2f} / {h40['coherence']:.2f} / {h40['frame_coherence']:.2f} | "
+            f"{t4['all_attributes']:.2f} | {x0['200']:.3f} / {x0['500']:.3f} / {x0['800']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variants", nargs="*", default=[], help="names from --list")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval_samples", type=int, default=8, help="samples per evaluated prompt")
+    parser.add_argument("--jobs", type=int, default=2, help="variants trained at once (one thread each)")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--table", action="store_true", help="print the table of --results and stop")
+    parser.add_argument("--list", action="store_true", help="list the variants and stop")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this variant, print its JSON row
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name, (net, train) in VARIANTS.items():
+            print(f"{name}: network {net}, training {train}")
+        return 0
+    if args.one:
+        torch.set_num_threads(1)
+        print("RESULT " + json.dumps(run_variant(args.one, args.steps, args.eval_samples)), flush=True)
+        return 0
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; choose from {sorted(VARIANTS)}", file=sys.stderr)
+        return 2
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    pending = list(args.variants)
+    running: list[tuple[str, subprocess.Popen]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            cmd = [sys.executable, "-m", "world.sweep", "--one", name, "--steps", str(args.steps),
+                   "--eval_samples", str(args.eval_samples)]  # fmt: skip
+            running.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)))
+        time.sleep(2.0)
+        for name, proc in list(running):
+            if proc.poll() is None:
+                continue
+            running.remove((name, proc))
+            out = proc.stdout.read() if proc.stdout else ""
+            result = [line[7:] for line in out.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not result:
+                print(f"[{name}] failed (exit {proc.returncode})", file=sys.stderr)
+                continue
+            with open(args.results, "a", encoding="utf-8") as f:
+                f.write(result[0] + "\n")
+            print(f"[{name}] done", flush=True)
+    if args.results.is_file():
+        rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+        print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
