@@ -6,7 +6,7 @@ in-process loop for a fixed number of steps, then is judged exactly as the chain
 (`world.sampling`: the students' 4-step schedule and a 40-step ODE on held-out and training prompts;
 x0 RMSE against the exact teacher at t = 200 / 500 / 800).
 
-    python3 -m world.sweep --variants base sincos sincos_text dim128 --steps 2000 --jobs 2
+    python3 -m world.sweep --variants before sincos_text sincos_text_dim128_x0 --steps 2000
     python3 -m world.sweep --table                # reprint the table from the results file
 
 Variants run in their own processes (`--jobs` at a time, one thread each); results are appended to
@@ -28,28 +28,34 @@ import torch
 
 DEFAULT_RESULTS = Path("runs/world_sweep/results.jsonl")
 
-# name -> (WanConfig changes to the `world` preset, training changes). The history of the search,
-# in the order it was run; `python3 -m world.sweep --list` prints them.
+# Every variant is a set of changes to the network the chain shipped before this search (`BEFORE`:
+# dim 64, learned position rows at std 0.02, flow head) and to its training; the last one is today's
+# `world` preset with `configs/world/base.yaml` (sincos_text_dim128_x0). In the order they were run; `--list` prints them.
+BEFORE = {"dim": 64, "ffn_dim": 256, "num_heads": 2, "pos_embed_type": "learned", "text_time_embedding": False,
+          "predict_x0": False}  # fmt: skip
+SINCOS_TEXT = {"pos_embed_type": "sincos", "text_time_embedding": True}
+DIM96 = {"dim": 96, "ffn_dim": 384, "num_heads": 3}
 DIM128 = {"dim": 128, "ffn_dim": 512, "num_heads": 4}
+X0 = ({"predict_x0": True}, {"loss": "x0"})
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "learned_std0.02": ({"pos_embed_type": "learned"}, {"pos_init_std": 0.02}),
-    "learned_std0.5": ({"pos_embed_type": "learned"}, {"pos_init_std": 0.5}),
-    "learned_std0.5_text": ({"pos_embed_type": "learned", "text_time_embedding": True}, {"pos_init_std": 0.5}),
+    "before": ({}, {}),
+    "learned_std0.5": ({}, {"pos_init_std": 0.5}),
+    "learned_std0.5_text": ({"text_time_embedding": True}, {"pos_init_std": 0.5}),
     "sincos": ({"pos_embed_type": "sincos"}, {}),
-    "sincos_text": ({"pos_embed_type": "sincos", "text_time_embedding": True}, {}),
-    "sincos_text_cosine_lr3e-3": (
-        {"pos_embed_type": "sincos", "text_time_embedding": True},
-        {"lr": 3e-3, "warmup": 100, "decay": "cosine"},
-    ),
-    "sincos_text_dim96": ({"pos_embed_type": "sincos", "text_time_embedding": True, "dim": 96, "ffn_dim": 384, "num_heads": 3}, {}),
-    "sincos_text_dim128": ({"pos_embed_type": "sincos", "text_time_embedding": True, **DIM128}, {}),
-    "sincos_text_dim128_cosine": (
-        {"pos_embed_type": "sincos", "text_time_embedding": True, **DIM128},
-        {"warmup": 100, "decay": "cosine"},
-    ),
+    "sincos_text": (SINCOS_TEXT, {}),
+    "sincos_text_cosine_lr3e-3": (SINCOS_TEXT, {"lr": 3e-3, "warmup": 100, "decay": "cosine"}),
+    "sincos_text_dim96": ({**SINCOS_TEXT, **DIM96}, {}),
+    "sincos_text_dim128": ({**SINCOS_TEXT, **DIM128}, {}),
+    "sincos_text_dim128_cosine": ({**SINCOS_TEXT, **DIM128}, {"warmup": 100, "decay": "cosine"}),
+    "sincos_text_x0head": ({**SINCOS_TEXT, "predict_x0": True}, {}),
+    "sincos_text_x0loss": (SINCOS_TEXT, {"loss": "x0"}),
+    "sincos_text_x0head_x0loss": ({**SINCOS_TEXT, **X0[0]}, X0[1]),
+    "sincos_text_dim96_x0": ({**SINCOS_TEXT, **DIM96, **X0[0]}, X0[1]),
+    "sincos_text_dim128_x0": ({**SINCOS_TEXT, **DIM128, **X0[0]}, X0[1]),
 }  # fmt: skip
 
-TRAIN_DEFAULTS = {"lr": 2e-3, "warmup": 0, "decay": "constant", "batch": 32, "pos_init_std": None, "seed": 1}
+TRAIN_DEFAULTS = {"lr": 2e-3, "warmup": 0, "decay": "constant", "batch": 32, "pos_init_std": None, "seed": 1,
+                  "loss": "flow"}  # fmt: skip
 FRAMES = 12
 X0_TIMESTEPS = (200, 500, 800)
 STUDENT_STEPS = (1000, 750, 500, 250)  # the students' schedule (configs/world/dmd.yaml), warped by the shift
@@ -82,7 +88,7 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     net_changes, train_changes = VARIANTS[name]
     opts = {**TRAIN_DEFAULTS, **train_changes}
     torch.manual_seed(opts["seed"])
-    cfg = WanConfig.preset("world").replace(**net_changes)
+    cfg = WanConfig.preset("world").replace(**{**BEFORE, **net_changes})
     model = CausalWanModel(cfg, num_frame_per_block=FRAMES)  # one block: bidirectional, as the chain's base
     if opts["pos_init_std"] is not None:
         with torch.no_grad():
@@ -91,7 +97,9 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     scheduler = FlowMatchScheduler(shift=SHIFT)
     wrapper = WanDiffusionWrapper(model, scheduler)
     text = WorldTextEncoder(cfg.text_dim, cfg.text_len)
-    objective = TeacherRegression(wrapper, ExactTeacher(text), scheduler, num_frame_per_block=FRAMES)
+    objective = TeacherRegression(
+        wrapper, ExactTeacher(text), scheduler, num_frame_per_block=FRAMES, denoising_loss_type=opts["loss"]
+    )
 
     train, heldout = split_prompts()
     clips = torch.stack([render_prompt(q, FRAMES) for q in train]).flatten(0, 1)
