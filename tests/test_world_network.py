@@ -201,3 +201,13 @@ def test_predict_x0_returns_the_flow_whose_x0_is_the_head_output():
         above_floor = (t >= 1.0)[:, :, None, None, None]
         diff = (x0 - head.transpose(1, 2)).abs() * above_floor
         assert diff.max() < 1e-4
+
+
+def test_sincos_tables_are_rebuilt_after_a_meta_build():
+    with torch.device("meta"):
+        model = WanModel(SINCOS)
+    model.to_empty(device="cpu")
+    model.pos_embedding.init_non_persistent_buffers()
+    reference = WanModel(SINCOS).pos_embedding
+    for name in ("frame", "height", "width"):
+        assert torch.equal(getattr(model.pos_embedding, name), getattr(reference, name))

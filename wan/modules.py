@@ -323,15 +323,26 @@ class PositionEmbedding(nn.Module):
             self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
             self.width = nn.Parameter(torch.zeros(gw, cfg.dim))
         else:  # constants: buffers outside the state dict (a pure function of the config)
-            df, dh, dw = sincos_axis_dims(cfg.dim)
-            tables = []
-            for n, d, offset in ((cfg.pos_embed_frames, df, 0), (gh, dh, df), (gw, dw, df + dh)):
-                table = torch.zeros(n, cfg.dim)
-                table[:, offset : offset + d] = sincos_features(n, d)
-                tables.append(table)
-            self.register_buffer("frame", tables[0], persistent=False)
-            self.register_buffer("height", tables[1], persistent=False)
-            self.register_buffer("width", tables[2], persistent=False)
+            self._sizes = (cfg.pos_embed_frames, gh, gw, cfg.dim)
+            for name, table in zip(("frame", "height", "width"), self._sincos_tables(), strict=True):
+                self.register_buffer(name, table, persistent=False)
+
+    def _sincos_tables(self, device=None) -> list[torch.Tensor]:
+        frames, gh, gw, dim = self._sizes
+        df, dh, dw = sincos_axis_dims(dim)
+        tables = []
+        for n, d, offset in ((frames, df, 0), (gh, dh, df), (gw, dw, df + dh)):
+            table = torch.zeros(n, dim)
+            table[:, offset : offset + d] = sincos_features(n, d)
+            tables.append(table.to(device))
+        return tables
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the fixed tables after a meta-device build (`utils.distributed`)."""
+        if self.kind == "sincos":
+            with torch.no_grad():
+                for name, table in zip(("frame", "height", "width"), self._sincos_tables(), strict=True):
+                    getattr(self, name).copy_(table)
 
     def forward(self, grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
         """`[F*H*W, dim]` for a token grid (F, H, W) whose first frame has absolute index `start_frame`."""
