@@ -8,6 +8,7 @@ gets seeded random weights (the toy world), any other preset without a path is a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -33,8 +34,20 @@ WORLD_EXACT = "world-exact"  # real_score_model: the shapes world's exact teache
 
 
 def wan_config(cfg: TrainConfig, role: str) -> WanConfig:
+    """The role's network sizes: its preset, for the generator with `model_kwargs.wan_config` applied."""
     preset = getattr(cfg, f"{role}_model")
-    return WanConfig.preset("world" if preset == WORLD_EXACT else preset)
+    base = WanConfig.preset("world" if preset == WORLD_EXACT else preset)
+    changes = dict(cfg.model_kwargs.wan_config) if role == "generator" else {}
+    fields = {f.name for f in dataclasses.fields(WanConfig)}
+    unknown = sorted(set(changes) - fields)
+    if unknown:
+        raise ConfigError(
+            f"model_kwargs.wan_config: {unknown} are not WanConfig fields; choose from {sorted(fields)}"
+        )
+    try:
+        return base.replace(**changes)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model_kwargs.wan_config {changes}: {err}") from err
 
 
 def is_world(cfg: TrainConfig) -> bool:

@@ -314,3 +314,20 @@ def test_model_presets_agree_with_wan_presets():
 
     # "world-exact" is the shapes world's closed-form teacher: a real_score_model, not a network preset.
     assert set(MODEL_PRESETS) == set(PRESETS) | {"world-exact"}
+
+
+def test_model_kwargs_wan_config_changes_the_generator_only():
+    from model.build import wan_config
+    from wan import WanConfig
+
+    cfg = load_config(
+        None, ["generator_model=tiny", "fake_score_model=tiny", "model_kwargs.wan_config.num_layers=1"]
+    )
+    assert wan_config(cfg, "generator") == WanConfig.preset("tiny").replace(num_layers=1)
+    assert wan_config(cfg, "fake_score") == WanConfig.preset("tiny")
+    typo = load_config(None, ["generator_model=tiny", "model_kwargs.wan_config.num_layer=1"])
+    with pytest.raises(ConfigError, match=r"model_kwargs.wan_config: \['num_layer'\]"):
+        wan_config(typo, "generator")
+    bad = load_config(None, ["generator_model=tiny", "model_kwargs.wan_config.num_heads=5"])
+    with pytest.raises(ConfigError, match="num_heads"):
+        wan_config(bad, "generator")

@@ -60,6 +60,9 @@ class ModelKwargs:
     timestep_shift: float = 5.0  # shift of the generator's flow-matching grid (step warping, §3)
     local_attn_size: int = -1  # rolling KV window in latent frames; -1 = attend to every frame
     sink_size: int = 0  # frames at the head of the window that are never evicted
+    # WanConfig fields of the generator that differ from its preset, e.g. {pos_embed_frames: 4} (the
+    # critic and teacher keep theirs). Weights load as usual: a change that alters a weight's shape fails.
+    wan_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -267,6 +270,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     schema = OmegaConf.structured(TrainConfig)
     OmegaConf.set_struct(schema, True)
+    OmegaConf.set_struct(schema.model_kwargs.wan_config, False)  # free-form: checked against WanConfig later
     try:
         cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(schema, merged))
     except OmegaConfBaseException as err:
