@@ -29,25 +29,41 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
     first = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     smoke = PROFILES["smoke"]
-    stages = ["data", "base", "ode_pairs", "ode", "sf_dmd", *smoke.baselines, "eval"]
+    stages = ["data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *smoke.baselines, "eval"]
     for stage in stages:
         assert (out / stage / "DONE.json").is_file(), stage
     for stage in ["base", "ode", "sf_dmd", *smoke.baselines]:
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["step"] > 0 and (out / stage / "export" / "generator").is_dir(), stage
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    assert set(metrics) == {"data", *STUDENTS}
+    assert set(metrics) == {"data", "base", *STUDENTS}
+    base = metrics["base"]
+    assert {"heldout", "train", "heldout_ode40", "train_ode40"} <= set(base)
+    assert set(base["x0_rmse"]["heldout"]) == {"200", "500", "800"}
     # the data row is the world itself: a perfect score (the evaluator is tested on its own)
     assert metrics["data"]["heldout"]["summary"]["all_attributes"] == 1.0
     assert len(metrics["sf_dmd"]["heldout_long"]["segments"]) == 3
     report = (out / "report.md").read_text()
-    for needle in ("## Targets", "Self-Forcing DMD", "CausVid", "figures/losses.png", "figures/segments.png"):
+    for needle in (
+        "## Base model",
+        "## Targets",
+        "Self-Forcing DMD",
+        "CausVid",
+        "figures/losses.png",
+        "figures/segments.png",
+    ):
         assert needle in report
     assert (out / "figures" / "0_sf_dmd.mp4").stat().st_size > 0
     # a second run skips everything that is done
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped") == len(stages)
+    # the distillation sweep runs a DMD variant from this chain and prints its row
+    sweep = [sys.executable, "-m", "world.sweep", "--distill", str(out), "--variants", "dmd_critic_from_ode",
+             "--steps", "2", "--eval_samples", "1", "--results", str(tmp_path / "distill.jsonl")]  # fmt: skip
+    done = subprocess.run(sweep, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| dmd_critic_from_ode | 2 |" in done.stdout
 
 
 def test_world_configs_load():

@@ -98,6 +98,7 @@ PROFILES = {
 TRAIN_FRAMES = 12
 LONG_FRAMES = 36
 # Long rollouts: a rolling KV window of 12 frames whose first block (3 frames) is a sink.
+# (A student trained with its own window, `model_kwargs.local_attn_size`, rolls out with that window.)
 LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
 X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
@@ -322,7 +323,8 @@ class Chain:
         def run() -> None:
             p = self.profile
             prompts = self.eval_prompts()
-            base, config = self.stage_dir("base"), CONFIGS / "base.yaml"
+            base = self.stage_dir("base")
+            config = base / "config.yaml"  # the run's own merged config (profile overrides included)
             # The students' few-step schedule, applied to the whole clip at once.
             schedule = few_step_overrides(load_student_config("sf_dmd"))
             results: dict[str, dict] = {}
@@ -374,10 +376,8 @@ class Chain:
             rows = {}
             for split, (plist, n, frames) in jobs.items():
                 asked = [q for q in plist for _ in range(n)]
-                window = LONG_WINDOW if frames > TRAIN_FRAMES else ()
-                videos = generate(
-                    self.stage_dir(student), CONFIGS / f"{CONFIG_OF[student]}.yaml", asked, frames, window
-                )
+                run = self.stage_dir(student)
+                videos = generate(run, run / "config.yaml", asked, frames, self.long_window(run, frames))
                 ev = evaluate(videos, asked)
                 rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
                 if split == "heldout":
@@ -389,6 +389,16 @@ class Chain:
         out = self.stage_dir("eval")
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
         torch.save(videos_out, out / "samples.pt")
+
+    @staticmethod
+    def long_window(run: Path, frames: int) -> tuple[str, ...]:
+        """Overrides for a rollout of `frames`: past the training length a student without a window of
+        its own rolls out with LONG_WINDOW; one trained with a window keeps it."""
+        from utils.config import load_config
+
+        if frames <= TRAIN_FRAMES or load_config(str(run / "config.yaml")).model_kwargs.local_attn_size != -1:
+            return ()
+        return LONG_WINDOW
 
     def machine(self) -> str:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {self.profile.nproc} process(es)"

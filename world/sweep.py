@@ -11,6 +11,12 @@ x0 RMSE against the exact teacher at t = 200 / 500 / 800).
 
 Variants run in their own processes (`--jobs` at a time, one thread each); results are appended to
 `--results` (JSONL) so a sweep can be extended run by run and the table reprinted at any time.
+
+`--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (`train.py` with
+`configs/world/dmd.yaml` and the variant's overrides) from the ODE init and base of a finished chain
+under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
+
+    python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_ode --steps 300
 """
 
 from __future__ import annotations
@@ -53,6 +59,17 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "sincos_text_dim96_x0": ({**SINCOS_TEXT, **DIM96, **X0[0]}, X0[1]),
     "sincos_text_dim128_x0": ({**SINCOS_TEXT, **DIM128, **X0[0]}, X0[1]),
 }  # fmt: skip
+
+# Distillation variants: train.py overrides on configs/world/dmd.yaml (ROOT: the chain's run root).
+DISTILL_VARIANTS: dict[str, list[str]] = {
+    "dmd_ref": [],
+    "dmd_critic_from_ode": ["fake_score_ckpt={root}/ode/export/generator"],
+    "dmd_real_score_is_base": ["real_score_model=world", "real_score_ckpt={root}/base/export/generator"],
+    "dmd_ratio10": ["dfake_gen_update_ratio=10"],
+    "dmd_lr5e-5": ["lr=5e-5"],
+    "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
+    "dmd_min_score_t200": ["min_score_timestep=200"],
+}
 
 TRAIN_DEFAULTS = {"lr": 2e-3, "warmup": 0, "decay": "constant", "batch": 32, "pos_init_std": None, "seed": 1,
                   "loss": "flow"}  # fmt: skip
@@ -146,6 +163,45 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     return row
 
 
+def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_samples: int) -> dict:
+    """One DMD run through train.py from the chain under `root`, judged on held-out prompts at 12 frames."""
+    from .evaluate import evaluate
+    from .render import split_prompts
+    from .sampling import generate
+
+    repo = Path(__file__).resolve().parents[1]
+    run = out / name
+    overrides = [o.format(root=root) for o in DISTILL_VARIANTS[name]]
+    cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "world" / "dmd.yaml"),
+           "--logdir", str(run), f"data_path={root}/data/train_prompts.txt",
+           f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/base/export/generator",
+           f"max_steps={steps}", f"log_iters={steps}", *overrides]  # fmt: skip
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    seconds = time.perf_counter() - start
+    _, heldout = split_prompts()
+    asked = [q for q in heldout for _ in range(eval_samples)]
+    summary = evaluate(generate(run, run / "config.yaml", asked, FRAMES), asked).summary()
+    return {
+        "name": name,
+        "steps": steps,
+        "overrides": overrides,
+        "train_seconds": seconds,
+        "heldout": summary,
+    }
+
+
+def format_distill_rows(rows: list[dict]) -> str:
+    keys = ("all_attributes", "coherence", "frame_coherence", "precision", "shade_tv")
+    lines = ["| variant | steps | " + " | ".join(keys) + " | shades |", "|---" * (len(keys) + 3) + "|"]
+    for r in rows:
+        s = r["heldout"]
+        cells = [f"{s[k]:.2f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]" for k in keys]
+        shades = "/".join(str(c) for c in s["shade_counts"])
+        lines.append(f"| {r['name']} | {r['steps']} | " + " | ".join(cells) + f" | {shades} |")
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     head = (
         "| variant | params | steps | s/step | held-out 4-step: all / dir / shape / coh | held-out 40-step ODE: "
@@ -174,8 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--table", action="store_true", help="print the table of --results and stop")
     parser.add_argument("--list", action="store_true", help="list the variants and stop")
+    parser.add_argument(
+        "--distill",
+        type=Path,
+        default=None,
+        metavar="ROOT",
+        help="sweep DMD variants from the finished chain under ROOT instead of base variants",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # worker: run this variant, print its JSON row
     args = parser.parse_args(argv)
+    if args.distill is not None:
+        return distill_main(args)
 
     if args.list:
         for name, (net, train) in VARIANTS.items():
@@ -215,6 +280,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.results.is_file():
         rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
         print(format_rows(rows))
+    return 0
+
+
+def distill_main(args: argparse.Namespace) -> int:
+    """`--distill ROOT`: DMD variants one after another (each train.py run uses both cores)."""
+    results = args.results if args.results != DEFAULT_RESULTS else DEFAULT_RESULTS.with_name("distill.jsonl")
+    if args.list:
+        for name, overrides in DISTILL_VARIANTS.items():
+            print(f"{name}: {overrides}")
+        return 0
+    unknown = [v for v in args.variants if v not in DISTILL_VARIANTS]
+    if unknown:
+        print(f"error: unknown variants {unknown}; choose from {sorted(DISTILL_VARIANTS)}", file=sys.stderr)
+        return 2
+    missing = [
+        p for p in ("ode/export/generator", "base/export/generator") if not (args.distill / p).exists()
+    ]
+    if missing:
+        print(f"error: {args.distill} is not a finished chain (missing {missing})", file=sys.stderr)
+        return 2
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for name in [] if args.table else args.variants:
+        row = run_distill_variant(
+            name, args.distill, results.parent / "distill", args.steps, args.eval_samples
+        )
+        with open(results, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+    if results.is_file():
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        print(format_distill_rows(rows))
     return 0
 
 
