@@ -136,7 +136,7 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - tic)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 500 == 0:
             print(
                 f"[{name}] step {step} loss {sum(losses[-100:]) / len(losses[-100:]):.4f}",
