@@ -86,6 +86,7 @@ class ExactTeacher(nn.Module):
             `[B, F, C, h, w]`.
         """
         s = sigma[:, None, :, None, None, None]  # [B, 1, F, 1, 1, 1]
+        # Divided before summing, as the per-row loop did: the same rounding, so runs stay bitwise.
         sq = ((noisy[:, None] - (1 - s) * candidates) ** 2 / (2 * s**2)).sum(dim=(3, 4, 5))  # [B, K, F]
         weights = torch.softmax(-sq.sum(dim=2), dim=1)  # [B, K]: log N(x_t; (1-s) x0_k, s^2) + const
         x0 = weights[:, None] @ candidates.flatten(2)  # [B, 1, K] @ [B | 1, K, F*C*h*w]
