@@ -66,6 +66,7 @@ from utils.distributed import (
     reshard_after_forward_for,
     resolve_seed,
     seed_everything,
+    seed_torch_rng,
     set_gradient_sync,
     shard_model,
 )
@@ -464,7 +465,7 @@ class Trainer:
         for micro in range(self.accum):
             batch = self._next_batch()
             global_index = micro * self.dist.world_size + self.dist.rank
-            torch.manual_seed(micro_seed(self.seed, step, role, global_index))
+            seed_torch_rng(micro_seed(self.seed, step, role, global_index), self.device)
             set_gradient_sync([module], micro == self.accum - 1)
             loss, metrics = loss_fn(batch, shared)
             (loss / self.accum).backward()
