@@ -33,17 +33,16 @@ import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from model.build import (
-    BACKPROP_THROUGH_FROZEN,
     NEEDS,
-    add_lora_to_loaded,
+    build_dit,
     build_exact_teacher,
     build_objective_from_config,
     build_text_encoder,
     build_vae,
-    dit_weights,
+    dit_structure,
     is_world,
     lora_spec,
-    make_dit,
+    set_trainable,
 )
 from utils.checkpoint import Checkpointer, ModelState, OptimizerState, ScalarState
 from utils.config import TrainConfig, config_to_dict, ema_rates, load_config, resolve_accumulation
@@ -67,18 +66,19 @@ from utils.distributed import (
     reshard_after_forward_for,
     resolve_seed,
     seed_everything,
+    seed_torch_rng,
     set_gradient_sync,
     shard_model,
 )
 from utils.ema import EMA, ema_entry_names
 from utils.errors import UserError, exit_code_of
+from utils.host_memory import keep_freed_host_memory
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
-from utils.lora import add_lora, train_adapters_only
+from utils.lora import add_lora
 from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
 from utils.run_record import OVERRIDE_FLAG, check_resume_config, saved_run_config, write_config
 from wan import WanDiffusionWrapper
-from wan.gan_head import add_gan_head, gan_head_parameter_names
-from wan.weights import load_dit_weights
+from wan.gan_head import gan_head_parameter_names
 
 logger = logging.getLogger("train")
 
@@ -111,7 +111,9 @@ class TrainingDivergedError(UserError):
     """Too many consecutive non-finite steps (`max_nan_skips`)."""
 
 
-def _micro_seed(seed: int, step: int, role: str, index: int) -> int:
+def micro_seed(seed: int, step: int, role: str, index: int) -> int:
+    """The seed of one random draw of the run: a hash of (seed, step, role, index), the same on every
+    rank and at any world size, so draws never depend on how the run was split or resumed."""
     digest = hashlib.sha256(f"{seed}/{step}/{role}/{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % 2**63
 
@@ -140,6 +142,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed()
         setup_logging(self.dist.rank)
         self.device = self.dist.device
+        if self.device.type == "cpu":  # activations live in host memory: reuse it across steps
+            keep_freed_host_memory()
         self.accum = resolve_accumulation(cfg, self.dist.world_size)
         self._reconcile_with_run_record()
         self.seed = cfg.seed
@@ -153,6 +157,11 @@ class Trainer:
             cfg.total_batch_size,
         )
         self.latent_dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
+        # One process without mixed precision: FSDP2 would shard over one rank, i.e. only add its
+        # per-block hooks and DTensor dispatch (README "Training speed"). The plain modules take the
+        # same steps up to float round-off (autograd sums a few gradients in another order), and DCP
+        # checkpoints of either load into the other.
+        self.shard_dits = self.dist.world_size > 1 or cfg.mixed_precision
         gpus_per_node = self.dist.local_world_size
         self.mesh = build_mesh(
             cfg.sharding_strategy, self.dist.world_size, gpus_per_node, device_type=self.device.type
@@ -332,53 +341,30 @@ class Trainer:
         if role == "real_score" and cfg.real_score_model == "world-exact":
             return build_exact_teacher(cfg, self.device)  # closed form: no weights, nothing to shard
         lora = lora_spec(cfg, role) if trainable else None
-
-        def structure() -> WanDiffusionWrapper:
-            wrapper = make_dit(cfg, role)
-            if gan_head:
-                add_gan_head(
-                    wrapper,
-                    num_class=cfg.num_class,
-                    concat_time_embeddings=cfg.concat_time_embeddings,
-                    tap_layers=cfg.gan_tap_layers,
-                )
-            return wrapper
-
         with torch.device("meta"):
-            wrapper = structure()
+            wrapper = dit_structure(cfg, role, gan_head)
             if lora is not None:  # adapters live inside the blocks, so FSDP2 shards them with their block
                 add_lora(wrapper.model, lora)
         full_sd, error = None, None
         if self.dist.rank == 0:
-            # Rank 0 alone reads the weights (64 ranks must not each read 14B weights); the GAN head,
-            # if any, starts from a seeded init.
+            # Rank 0 alone reads the weights (64 ranks must not each read 14B weights).
             try:
-                with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-                    torch.manual_seed(self.seed)
-                    host = structure()
-                load_dit_weights(host.model, dit_weights(cfg, role))
-                if lora is not None:  # base weights first (official names), then the adapters around them
-                    add_lora_to_loaded(
-                        host.model, cfg, lora, seed=_micro_seed(self.seed, 0, f"{role}/lora", 0)
-                    )
+                lora_seed = micro_seed(self.seed, 0, f"{role}/lora", 0)
+                host = build_dit(cfg, role, seed=self.seed, gan_head=gan_head, lora=lora, lora_seed=lora_seed)
                 full_sd = host.state_dict()
                 del host
             except (UserError, OSError) as err:
                 error = err if isinstance(err, UserError) else UserError(f"{role} weights: {err}")
         raise_user_error_everywhere(error)
-        wrapper.requires_grad_(trainable)
-        if lora is not None:  # the DiT's base weights stay frozen (a GAN head still trains in full)
-            train_adapters_only(wrapper.model)
-        differentiated = trainable or role in BACKPROP_THROUGH_FROZEN.get(cfg.trainer, ())
-        if differentiated and cfg.gradient_checkpointing:
-            wrapper.model.enable_gradient_checkpointing(True, offload=cfg.gradient_checkpointing_offload)
-        shard_model(
-            wrapper,
-            self.mesh,
-            block_lists=("model.blocks",),
-            mixed_precision=cfg.mixed_precision,
-            reshard_after_forward=reshard_after_forward_for(cfg.sharding_strategy),
-        )
+        set_trainable(wrapper, cfg, role, trainable, lora)
+        if self.shard_dits:
+            shard_model(
+                wrapper,
+                self.mesh,
+                block_lists=("model.blocks",),
+                mixed_precision=cfg.mixed_precision,
+                reshard_after_forward=reshard_after_forward_for(cfg.sharding_strategy),
+            )
         load_full_state_dict(wrapper, full_sd, device=self.device)
         if cfg.compile:  # per block, after sharding (FSDP2's hooks stay outside the compiled region)
             for block in wrapper.model.blocks:
@@ -470,7 +456,7 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         shared = None
         if self.dist.rank == 0:
-            g = torch.Generator().manual_seed(_micro_seed(self.seed, step, f"{role}/shared", 0))
+            g = torch.Generator().manual_seed(micro_seed(self.seed, step, f"{role}/shared", 0))
             shared = self.objective.sample_shared(cfg.batch_size, g)
         shared = broadcast_object(shared)
         loss_fn = self.objective.generator_loss if role == "generator" else self.objective.critic_loss
@@ -479,7 +465,7 @@ class Trainer:
         for micro in range(self.accum):
             batch = self._next_batch()
             global_index = micro * self.dist.world_size + self.dist.rank
-            torch.manual_seed(_micro_seed(self.seed, step, role, global_index))
+            seed_torch_rng(micro_seed(self.seed, step, role, global_index), self.device)
             set_gradient_sync([module], micro == self.accum - 1)
             loss, metrics = loss_fn(batch, shared)
             (loss / self.accum).backward()
@@ -526,7 +512,6 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        has_critic = self.critic is not None
         bar = None
         if self.dist.rank == 0:
             from tqdm import tqdm
@@ -534,49 +519,54 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=self.state.step, desc=cfg.trainer, dynamic_ncols=True)
         self.generator.train()
         while self.state.step < cfg.max_steps:
-            started = time.perf_counter()
-            step = self.state.step
-            metrics: dict[str, float] = {}
-            if (
-                not has_critic or step % cfg.dfake_gen_update_ratio == 0
-            ) and not self._in_discriminator_warmup():
-                metrics.update(self._optimizer_step("generator"))
-            if has_critic:
-                metrics.update(self._optimizer_step("critic"))
-            self.state.step += 1
-            skipped = any(k.endswith("_skipped") for k in metrics)
-            self.state.nan_streak = self.state.nan_streak + 1 if skipped else 0
-            # Upstream (re)initialises the EMA from the current weights once ema_start_step is reached.
-            if self.emas and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
-                for ema in self.emas.values():
-                    ema.copy_from(self.generator)
-                self.state.ema_active = True
-            metrics["step_time"] = time.perf_counter() - started
-            metrics["nan_skips"] = self.state.nan_skips
-            metrics["nan_streak"] = self.state.nan_streak
-            if self.device.type == "cuda":
-                metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            self.metrics.log(self.state.step, metrics)
-            if bar is not None:
-                loss_key = "critic_loss" if has_critic else "generator_loss"
-                bar.set_postfix(loss=f"{metrics.get(loss_key, float('nan')):.4g}")
-                bar.update(1)
-            if cfg.sample_every and self.state.step % cfg.sample_every == 0 and not self.no_visualize:
-                self._log_samples()
-            self._check_divergence()
-            stop = self._agreed_stop()
-            if not self.no_save and (self.state.step % cfg.log_iters == 0 or stop):
-                self.save()
-            if stop:
+            if self.train_step(bar):
                 break
-            if self.state.step % cfg.gc_interval == 0:
-                gc.collect()
         if bar is not None:
             bar.close()
         if not self.no_save and self.state.step >= cfg.max_steps:
             latest = self.checkpointer.latest() if self.dist.rank == 0 else None
             if broadcast_object(latest is None or latest[0] != self.state.step):
                 self.save()
+
+    def train_step(self, bar: Any = None) -> bool:
+        """One step of the loop: the optimizer steps and everything around them (EMA start, metrics,
+        samples, divergence check, the agreed stop, the checkpoint policy). True: stop the run now."""
+        cfg = self.cfg
+        has_critic = self.critic is not None
+        started = time.perf_counter()
+        step = self.state.step
+        metrics: dict[str, float] = {}
+        if (not has_critic or step % cfg.dfake_gen_update_ratio == 0) and not self._in_discriminator_warmup():
+            metrics.update(self._optimizer_step("generator"))
+        if has_critic:
+            metrics.update(self._optimizer_step("critic"))
+        self.state.step += 1
+        skipped = any(k.endswith("_skipped") for k in metrics)
+        self.state.nan_streak = self.state.nan_streak + 1 if skipped else 0
+        # Upstream (re)initialises the EMA from the current weights once ema_start_step is reached.
+        if self.emas and not self.state.ema_active and self.state.step >= cfg.ema_start_step:
+            for ema in self.emas.values():
+                ema.copy_from(self.generator)
+            self.state.ema_active = True
+        metrics["step_time"] = time.perf_counter() - started
+        metrics["nan_skips"] = self.state.nan_skips
+        metrics["nan_streak"] = self.state.nan_streak
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.log(self.state.step, metrics)
+        if bar is not None:
+            loss_key = "critic_loss" if has_critic else "generator_loss"
+            bar.set_postfix(loss=f"{metrics.get(loss_key, float('nan')):.4g}")
+            bar.update(1)
+        if cfg.sample_every and self.state.step % cfg.sample_every == 0 and not self.no_visualize:
+            self._log_samples()
+        self._check_divergence()
+        stop = self._agreed_stop()
+        if not self.no_save and (self.state.step % cfg.log_iters == 0 or stop):
+            self.save()
+        if not stop and self.state.step % cfg.gc_interval == 0:
+            gc.collect()
+        return stop
 
     def _check_divergence(self) -> None:
         """Stop after `max_nan_skips` consecutive skipped steps: the run is not coming back."""

@@ -17,13 +17,14 @@ import torch.nn as nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from utils.config import ConfigError, TrainConfig, lora_roles, lora_targets
-from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora
+from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora, train_adapters_only
 from utils.scheduler import FlowMatchScheduler
 from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan.gan_head import add_gan_head
 from wan.lora_weights import read_lora
 from wan.text_encoder import umt5_xxl_config
 from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
-from wan.weights import read_dit_weights
+from wan.weights import load_dit_weights, read_dit_weights
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,53 @@ def make_dit(cfg: TrainConfig, role: str) -> WanDiffusionWrapper:
         shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
     )
     return WanDiffusionWrapper(model, scheduler)
+
+
+def dit_structure(cfg: TrainConfig, role: str, gan_head: bool = False) -> WanDiffusionWrapper:
+    """`make_dit` plus, for the GAN critic, the classification head (on the current default device)."""
+    wrapper = make_dit(cfg, role)
+    if gan_head:
+        add_gan_head(
+            wrapper,
+            num_class=cfg.num_class,
+            concat_time_embeddings=cfg.concat_time_embeddings,
+            tap_layers=cfg.gan_tap_layers,
+        )
+    return wrapper
+
+
+def build_dit(
+    cfg: TrainConfig,
+    role: str,
+    *,
+    seed: int,
+    gan_head: bool = False,
+    lora: LoraSpec | None = None,
+    lora_seed: int = 0,
+) -> WanDiffusionWrapper:
+    """The whole network of `role` with its weights, on the CPU: what the trainer's rank 0 builds and
+    broadcasts. A GAN head starts from the `seed`ed init; LoRA adapters (A from `lora_seed`) are added
+    around the loaded base weights (official names first)."""
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        host = dit_structure(cfg, role, gan_head)
+    load_dit_weights(host.model, dit_weights(cfg, role))
+    if lora is not None:
+        add_lora_to_loaded(host.model, cfg, lora, seed=lora_seed)
+    return host
+
+
+def set_trainable(
+    wrapper: WanDiffusionWrapper, cfg: TrainConfig, role: str, trainable: bool, lora: LoraSpec | None
+) -> None:
+    """What `role` trains (everything, only its LoRA adapters, or nothing) and, where gradients flow
+    through it, activation checkpointing (`gradient_checkpointing`). Before sharding."""
+    wrapper.requires_grad_(trainable)
+    if lora is not None:  # the DiT's base weights stay frozen (a GAN head still trains in full)
+        train_adapters_only(wrapper.model)
+    differentiated = trainable or role in BACKPROP_THROUGH_FROZEN.get(cfg.trainer, ())
+    if differentiated and cfg.gradient_checkpointing:
+        wrapper.model.enable_gradient_checkpointing(True, offload=cfg.gradient_checkpointing_offload)
 
 
 def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:

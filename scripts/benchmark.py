@@ -4,6 +4,11 @@
     python scripts/benchmark.py --geometry large --json new.json --compare old.json
     python scripts/benchmark.py --geometry wan2.1-t2v-1.3b --dtype bf16              # on a GPU
     python scripts/benchmark.py --geometry wan2.1-t2v-1.3b --frames 3 --latent 30 52  # CPU smoke run
+    python scripts/benchmark.py --config configs/world/base.yaml data_path=runs/world/data/clips --threads 1
+
+With `--config` (any training config, `key=value` overrides after it) it times train.py's real step
+against a bare PyTorch loop over the same networks and prints both medians and their ratio (see
+scripts/_step_benchmark.py); `--warmup` / `--repeats` count cycles of `dfake_gen_update_ratio` steps.
 
 Rows (each: median, min and max seconds over `--repeats` runs after `--warmup` runs):
   bidirectional_forward  the teacher/critic `WanModel` on all frames, no grad
@@ -529,7 +534,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per row; the first counts FLOPs")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 5; 1 for the 1.3B on CPU)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs (default 5; 1 for the 1.3B on CPU; 10 with --config)",
+    )
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--json", type=Path, default=None, help="write the header and rows here")
     p.add_argument(
@@ -541,8 +551,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="run each row in a fresh subprocess (default: on for CPU, where peak RSS needs it)",
     )
+    p.add_argument(
+        "--config", type=Path, default=None, help="a training config: trainer step vs bare loop (no rows)"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
     p.add_argument("--_child_out", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    if args.overrides and args.config is None:
+        p.error(f"key=value overrides {args.overrides} need --config")
     rows = [r for r in args.rows.split(",") if r]
     bad = [r for r in rows if r not in ROWS]
     if bad:
@@ -552,7 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.isolate = torch.device(args.device).type == "cpu"
     big_on_cpu = args.geometry == "wan2.1-t2v-1.3b" and torch.device(args.device).type == "cpu"
     if args.repeats is None:
-        args.repeats = 1 if big_on_cpu else 5
+        args.repeats = 10 if args.config else 1 if big_on_cpu else 5
     if args.repeats < 1 or args.warmup < 1:
         p.error("--repeats and --warmup must be >= 1 (the first warm-up run counts FLOPs)")
     return args
@@ -571,6 +587,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.config is not None:
+        from scripts._step_benchmark import main as step_benchmark
+
+        result = step_benchmark(args.config, args.overrides, args.warmup, args.repeats, args.json)
+        return [{"row": name, **row} for name, row in result["rows"].items()]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     geom = geometry_from_args(args)
     if args._child_out is not None:  # one isolated row: measure, write, no table

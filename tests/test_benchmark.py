@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from scripts import benchmark
@@ -75,3 +76,53 @@ def test_benchmark_isolated_row_reports_peak_rss(tmp_path):
     benchmark.main([*argv, "--isolate", "--rows", "bidirectional_forward", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["row"] == "bidirectional_forward" and row["peak_mem_mb"] >= row["base_mem_mb"] > 50
+
+
+def test_config_mode_times_the_trainer_step_against_a_bare_loop(tmp_path, capsys):
+    out = tmp_path / "steps.json"
+    argv = ["--config", "configs/tiny_dmd.yaml", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+    rows = benchmark.main([*argv, "--json", str(out)])
+    assert [r["row"] for r in rows] == ["trainer", "bare"]
+    data = json.loads(out.read_text())
+    # whole generator + critic cycles (tiny_dmd: dfake_gen_update_ratio 2), one process: no FSDP
+    assert data["meta"]["steps_per_cycle"] == 2 and data["meta"]["fsdp"] is False
+    for r in data["rows"].values():
+        assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["cpu_median_s"] > 0
+        assert r["faults_per_step"] >= 0
+    trainer, bare = data["rows"]["trainer"], data["rows"]["bare"]
+    assert math.isclose(data["ratio"], trainer["median_s"] / bare["median_s"])
+    assert math.isclose(data["cpu_ratio"], trainer["cpu_median_s"] / bare["cpu_median_s"])
+    assert "ratio trainer/bare" in capsys.readouterr().out
+
+
+def test_bare_loop_builds_the_trainers_networks(tmp_path):
+    """The bare loop's networks come from the same builders: the same weights as the trainer's."""
+    from scripts._step_benchmark import BareLoop
+    from train import Trainer
+    from utils.config import load_config
+
+    cfg = load_config("configs/tiny_dmd.yaml", ["wandb_mode=disabled", "sample_every=0"])
+    trainer = Trainer(cfg, tmp_path, no_save=True, no_visualize=True)
+    try:
+        trainer.setup()
+        bare = BareLoop(cfg, trainer, [trainer._next_batch()])
+        for mine, theirs in ((bare.generator, trainer.generator), (bare.critic, trainer.critic)):
+            want = theirs.state_dict()
+            got = mine.state_dict()
+            assert got.keys() == want.keys()
+            assert all(torch.equal(got[k], want[k]) for k in want)
+            assert [p.requires_grad for p in mine.parameters()] == [
+                p.requires_grad for p in theirs.parameters()
+            ]
+        bare.step(0)  # a generator + critic step runs and moves the generator
+        assert any(
+            not torch.equal(p, trainer.generator.state_dict()[k])
+            for k, p in bare.generator.state_dict().items()
+        )
+    finally:
+        trainer.cleanup()
+
+
+def test_overrides_need_a_config():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["max_steps=3"])

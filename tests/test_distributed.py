@@ -19,7 +19,14 @@ from tests.dist_helpers import (
     run_torchrun,
     single_process_group,
 )
-from utils.distributed import build_mesh, cleanup, get_module_list, init_distributed, shard_model
+from utils.distributed import (
+    build_mesh,
+    cleanup,
+    get_module_list,
+    init_distributed,
+    seed_torch_rng,
+    shard_model,
+)
 
 NPROC = 2
 
@@ -101,3 +108,11 @@ def test_get_module_list_names_the_culprit():
     wrapper = nn.Module()
     wrapper.model = net  # the WanDiffusionWrapper layout: the DiT lives under `model`
     assert get_module_list(wrapper, "model.blocks") is net.blocks
+
+
+def test_seed_torch_rng_draws_what_torch_manual_seed_draws():
+    torch.manual_seed(7)
+    want = torch.randn(5)
+    torch.manual_seed(999)
+    seed_torch_rng(7, torch.device("cpu"))
+    assert torch.equal(torch.randn(5), want)

@@ -76,11 +76,17 @@ def test_text_encoder(encoder):
         encoder(["a purple square"])
 
 
-def _posterior_mean_reference(x_t, sigma, clips):
-    """E[x0 | x_t] for x0 uniform over `clips`, x_t ~ N((1 - s) x0, s^2): Bayes' rule term by term."""
-    logp = torch.stack([Normal((1 - sigma) * c.double(), sigma).log_prob(x_t.double()).sum() for c in clips])
+def _posterior_reference(x_t, sigma, clips):
+    """(E[x0 | x_t], posterior weights) for x0 uniform over `clips`, x_t ~ N((1 - s) x0, s^2) with
+    s = `sigma` (a number, or one per frame `[F]`): Bayes' rule term by term, in float64."""
+    s = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    logp = torch.stack([Normal((1 - s) * c.double(), s).log_prob(x_t.double()).sum() for c in clips])
     w = torch.softmax(logp, 0)
-    return sum(wi * c.double() for wi, c in zip(w, clips, strict=True))
+    return sum(wi * c.double() for wi, c in zip(w, clips, strict=True)), w
+
+
+def _posterior_mean_reference(x_t, sigma, clips):
+    return _posterior_reference(x_t, sigma, clips)[0]
 
 
 @pytest.mark.parametrize("t", [50.0, 400.0, 800.0, 990.0])
@@ -101,9 +107,83 @@ def test_exact_teacher_is_the_posterior_mean(teacher, encoder, t):
     assert torch.allclose(flow[0].double(), (x_t.double() - want_c) / (t / 1000), atol=1e-3)
 
 
-def test_exact_teacher_rejects_unknown_context(teacher):
+def _mixed_batch(encoder, num_frames, seed):
+    """Conditional rows of two prompts and unconditional rows, interleaved, each noised from a clip
+    with its own per-frame noise level: (prompt per row (None: empty), x_t, t [B, F], context)."""
+    prompts = all_prompts()
+    rows = [prompts[17], None, prompts[3], None, None, prompts[29], prompts[17], None]
+    g = torch.Generator().manual_seed(seed)
+    codec = WorldCodec()
+    x_t, ts = [], []
+    for i, p in enumerate(rows):
+        source = codec.encode(render_prompt(p or prompts[40], num_frames).transpose(1, 2))[i % 3]
+        t = 900 + 95 * torch.rand(num_frames, generator=g)  # high noise: the clips' weights mix
+        s = (t / 1000).reshape(-1, 1, 1, 1)
+        x_t.append((1 - s) * source + s * torch.randn(source.shape, generator=g))
+        ts.append(t)
+    ctx = encoder([p.text if p else "" for p in rows])["prompt_embeds"]
+    return rows, torch.stack(x_t), torch.stack(ts), ctx
+
+
+@pytest.mark.parametrize("chunk", [1, None], ids=["one_row_per_chunk", "default_chunks"])
+def test_exact_teacher_mixed_batch_per_frame_sigma(teacher, encoder, monkeypatch, chunk):
+    """Conditional and unconditional rows in one batch, per-frame noise levels: every row is the
+    posterior mean over its own prompt's clips (every clip for the empty prompt)."""
+    import world.teacher
+
+    if chunk is not None:
+        monkeypatch.setattr(world.teacher, "UNCOND_CHUNK_ELEMENTS", chunk)
+    codec = WorldCodec()
+    rows, x_t, t, ctx = _mixed_batch(encoder, 4, seed=1)
+    every = codec.encode(torch.cat([render_prompt(q, 4) for q in all_prompts()]).transpose(1, 2))
+    flow, x0 = teacher(x_t, t, ctx)
+    for i, p in enumerate(rows):
+        clips = every if p is None else codec.encode(render_prompt(p, 4).transpose(1, 2))
+        want, weights = _posterior_reference(x_t[i], t[i] / 1000, clips)
+        assert weights.max() < 0.99, i  # the weights mix: a nearest-clip shortcut would miss by > atol
+        assert torch.allclose(x0[i].double(), want, atol=1e-4), i
+        want_flow = (x_t[i].double() - want) / (t[i].double() / 1000).reshape(-1, 1, 1, 1)
+        assert torch.allclose(flow[i].double(), want_flow, atol=1e-3), i
+
+
+def test_exact_teacher_is_differentiable_in_x_t(teacher, encoder):
+    """SiD backpropagates through the real score: d<x0, r>/dx_t matches the float64 reference's."""
+    codec = WorldCodec()
+    rows, x_t, t, ctx = _mixed_batch(encoder, 2, seed=2)
+    rows, x_t, t, ctx = rows[:2], x_t[:2], t[:2], ctx[:2]  # one conditional, one unconditional row
+    every = codec.encode(torch.cat([render_prompt(q, 2) for q in all_prompts()]).transpose(1, 2))
+    r = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(5))
+    x = x_t.clone().requires_grad_(True)
+    (teacher(x, t, ctx)[1] * r).sum().backward()
+    for i, p in enumerate(rows):
+        clips = every if p is None else codec.encode(render_prompt(p, 2).transpose(1, 2))
+        xi = x_t[i].double().requires_grad_(True)
+        (_posterior_mean_reference(xi, t[i] / 1000, clips) * r[i].double()).sum().backward()
+        assert xi.grad.abs().max() > 1e-3  # a non-trivial gradient to compare
+        assert torch.allclose(x.grad[i].double(), xi.grad, rtol=1e-3, atol=1e-4), i
+
+
+def test_prompt_index_matches_each_row_in_one_batch(teacher, encoder):
+    prompts = all_prompts()
+    ctx = encoder([prompts[5].text, "", prompts[63].text, prompts[0].text, "", prompts[17].text])
+    want = [5, -1, 63, 0, -1, 17]
+    assert teacher.prompt_index(ctx["prompt_embeds"]).tolist() == want
+    # bf16 embeddings (mixed precision) and a context cut after the prompts' 6 words still match
+    assert teacher.prompt_index(ctx["prompt_embeds"].bfloat16()).tolist() == want
+    assert ctx["prompt_embeds"][:, 6:].abs().sum() == 0
+    assert teacher.prompt_index(ctx["prompt_embeds"][:, :6]).tolist() == want
+
+
+def test_exact_teacher_rejects_unknown_context(teacher, encoder):
     with pytest.raises(ValueError, match="matches no shapes-world prompt"):
         teacher(torch.zeros(1, 2, 48, 4, 4), torch.tensor([500.0]), torch.randn(1, 8, 32))
+    # one unknown row in an otherwise valid batch is still the error
+    ctx = encoder([all_prompts()[0].text, ""])["prompt_embeds"]
+    ctx = torch.cat([ctx, torch.randn(1, 8, 32)])
+    with pytest.raises(ValueError, match="matches no shapes-world prompt"):
+        teacher(torch.zeros(3, 2, 48, 4, 4), torch.tensor([500.0] * 3), ctx)
+    with pytest.raises(ValueError, match=r"context must be \[B, <= 8, 32\]"):
+        teacher(torch.zeros(1, 2, 48, 4, 4), torch.tensor([500.0]), torch.randn(1, 9, 32))
 
 
 def test_exact_ode_reproduces_the_data(teacher, encoder):

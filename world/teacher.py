@@ -21,6 +21,7 @@ from .render import Prompt, all_prompts, render_prompt
 from .text import WorldTextEncoder
 
 MIN_SIGMA = 1e-4  # below this the posterior is a hard nearest-clip choice; avoid dividing by zero
+UNCOND_CHUNK_ELEMENTS = 1 << 22  # bounds the unconditional posterior's temporary differences (16 MiB)
 
 
 class ExactTeacher(nn.Module):
@@ -37,6 +38,7 @@ class ExactTeacher(nn.Module):
         self.prompts = list(prompts) if prompts is not None else all_prompts()
         keys = text_encoder([p.text for p in self.prompts])["prompt_embeds"]
         self.register_buffer("keys", keys.flatten(1), persistent=False)  # [P, text_len*text_dim]
+        self.register_buffer("key_norms", self.keys.norm(dim=1), persistent=False)  # [P]
         self.text_len, self.text_dim = keys.shape[1:]
         self.codec = WorldCodec()
         self._clips: dict[int, Tensor] = {}
@@ -50,37 +52,45 @@ class ExactTeacher(nn.Module):
             self._clips[num_frames] = lat.unflatten(0, (p, s)).to(self.keys.device)
         return self._clips[num_frames]
 
-    def prompt_index(self, context: Tensor) -> list[int | None]:
-        """Which prompt each context row encodes (None: the empty prompt = unconditional)."""
-        b, length, dim = context.shape
+    def prompt_index(self, context: Tensor) -> Tensor:
+        """Which prompt each context row `[B, L, text_dim]` encodes: `[B]` long, -1 for the empty prompt
+        (unconditional). One distance matrix for the whole batch; a row that matches no prompt is an error."""
+        _, length, dim = context.shape
         if dim != self.text_dim or length > self.text_len:
             raise ValueError(
                 f"ExactTeacher: context must be [B, <= {self.text_len}, {self.text_dim}], got {tuple(context.shape)}"
             )
-        padded = context.new_zeros(b, self.text_len, dim)
-        padded[:, :length] = context
-        flat = padded.flatten(1).float()
+        flat = context.float().flatten(1)  # [B, length * dim]: pad to the keys' text_len with zeros
+        flat = torch.nn.functional.pad(flat, (0, self.keys.shape[1] - flat.shape[1]))
         dist = torch.cdist(flat, self.keys.float())  # [B, P]
         best, index = dist.min(dim=1)
-        out: list[int | None] = []
-        for row, d, i in zip(flat, best.tolist(), index.tolist(), strict=True):
-            if row.abs().max() == 0:
-                out.append(None)
-            elif d <= 1e-2 * (1.0 + self.keys[i].norm().item()):  # bf16 embeddings still match
-                out.append(i)
-            else:
-                raise ValueError(
-                    f"ExactTeacher: a context matches no shapes-world prompt (nearest distance {d:.3g})"
-                )
-        return out
+        empty = flat.abs().amax(dim=1) == 0
+        # Relative tolerance: bf16 embeddings still match their prompt.
+        unknown = ~empty & (best > 1e-2 * (1.0 + self.key_norms[index]))
+        if bool(unknown.any()):
+            nearest = best[unknown][0].item()
+            raise ValueError(
+                f"ExactTeacher: a context matches no shapes-world prompt (nearest distance {nearest:.3g})"
+            )
+        return torch.where(empty, torch.full_like(index, -1), index)
 
-    def denoise(self, noisy: Tensor, sigma: Tensor, candidates: Tensor) -> Tensor:
-        """Posterior mean over `candidates` `[N, F, C, h, w]` for one sample `noisy` `[F, C, h, w]`,
-        per-frame sigma `[F]` -> `[F, C, h, w]`."""
-        s = sigma.clamp(min=MIN_SIGMA).view(1, -1, 1, 1, 1)
-        sq = ((noisy[None] - (1 - s) * candidates) ** 2 / (2 * s**2)).sum(dim=(2, 3, 4))  # [N, F]
-        weights = torch.softmax(-sq.sum(dim=1), dim=0)  # [N]
-        return torch.einsum("n,nfchw->fchw", weights, candidates)
+    @staticmethod
+    def posterior_mean(noisy: Tensor, sigma: Tensor, candidates: Tensor) -> Tensor:
+        """`E[x0 | x_t]` for x0 uniform over each row's candidates.
+
+        Args:
+            noisy: `[B, F, C, h, w]` float32.
+            sigma: `[B, F]` per-frame noise level (already clamped away from 0).
+            candidates: `[B, K, F, C, h, w]` (each row its own K clips) or `[1, K, F, C, h, w]` (shared).
+        Returns:
+            `[B, F, C, h, w]`.
+        """
+        s = sigma[:, None, :, None, None, None]  # [B, 1, F, 1, 1, 1]
+        # Divided before summing, as the per-row loop did: the same rounding, so runs stay bitwise.
+        sq = ((noisy[:, None] - (1 - s) * candidates) ** 2 / (2 * s**2)).sum(dim=(3, 4, 5))  # [B, K, F]
+        weights = torch.softmax(-sq.sum(dim=2), dim=1)  # [B, K]: log N(x_t; (1-s) x0_k, s^2) + const
+        x0 = weights[:, None] @ candidates.flatten(2)  # [B, 1, K] @ [B | 1, K, F*C*h*w]
+        return x0.view(noisy.shape)
 
     def forward(self, noisy: Tensor, timestep: Tensor, context: Tensor, **unused) -> tuple[Tensor, Tensor]:
         if unused.get("kv_cache") is not None or unused.get("clean_x") is not None:
@@ -89,15 +99,20 @@ class ExactTeacher(nn.Module):
         t = torch.as_tensor(timestep, device=noisy.device, dtype=torch.float32)
         t = t.expand(b) if t.dim() == 0 else t
         t = t[:, None].expand(b, f) if t.dim() == 1 else t
-        sigma = t / 1000.0
-        clips = self.clip_latents(f).to(noisy.device)
+        sigma = (t / 1000.0).clamp(min=MIN_SIGMA)
+        clips = self.clip_latents(f).to(noisy.device)  # [P, S, F, C, h, w]
         x = noisy.float()
-        x0 = torch.stack(
-            [
-                self.denoise(x[i], sigma[i], clips.flatten(0, 1) if p is None else clips[p])
-                for i, p in enumerate(self.prompt_index(context))
-            ]
-        )
-        s = sigma.clamp(min=MIN_SIGMA)[:, :, None, None, None]
-        flow = (x - x0) / s
+        index = self.prompt_index(context)
+        cond = (index >= 0).nonzero().flatten()
+        uncond = (index < 0).nonzero().flatten()
+        x0 = x.new_empty(x.shape)
+        if len(cond):  # a prompt's own S clips
+            x0[cond] = self.posterior_mean(x[cond], sigma[cond], clips[index[cond]])
+        # The empty prompt: every clip of the world. Rows in chunks, so the [rows, P*S, F, C, h, w]
+        # differences stay near UNCOND_CHUNK_ELEMENTS elements.
+        every = clips.flatten(0, 1)[None]
+        rows = max(1, UNCOND_CHUNK_ELEMENTS // every.numel())
+        for chunk in uncond.split(rows):
+            x0[chunk] = self.posterior_mean(x[chunk], sigma[chunk], every)
+        flow = (x - x0) / sigma[:, :, None, None, None]
         return flow.to(noisy.dtype), x0.to(noisy.dtype)
