@@ -20,6 +20,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,14 @@ __all__ = [
     "METADATA_SUFFIXES",
     "VIDEO_SUFFIXES",
     "MediaReadError",
-    "list_media",
+    "PromptMedia",
+    "TooFewFramesError",
+    "is_metadata",
     "load_clip",
+    "load_context_frames",
     "load_image",
+    "media_for_prompts",
+    "media_metadata",
     "read_frames",
     "read_image",
     "read_metadata",
@@ -46,10 +52,20 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 METADATA_SUFFIXES = (".csv", ".json", ".jsonl")
+SUFFIXES = {"image": IMAGE_SUFFIXES, "video": VIDEO_SUFFIXES}
 
 
 class MediaReadError(RuntimeError):
     """An image or video could not be turned into frames (unreadable, corrupt or too short)."""
+
+
+class TooFewFramesError(MediaReadError):
+    """A video decodes but has fewer frames than asked for (`available` of `needed`)."""
+
+    def __init__(self, message: str, available: int, needed: int) -> None:
+        super().__init__(message)
+        self.available = available
+        self.needed = needed
 
 
 # 1. Metadata -----------------------------------------------------------------------------------------
@@ -121,9 +137,60 @@ def read_metadata(
     return entries
 
 
-def list_media(folder: str | Path, suffixes: Sequence[str]) -> list[Path]:
-    """Files of `folder` (not its sub-folders) whose suffix is one of `suffixes`, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+def is_metadata(path: str | Path) -> bool:
+    """A metadata file (by its suffix) rather than a media file or folder."""
+    return Path(path).suffix.lower() in METADATA_SUFFIXES
+
+
+def media_metadata(path: str | Path, kind: str) -> list[tuple[Path, str]]:
+    """`(file, prompt)` of every entry of a metadata file with `kind` ("image" / "video") and `prompt`
+    columns, in order (one file may go with several prompts). Relative paths are relative to the
+    metadata file's folder.
+
+    Raises:
+        ValueError: a problem of the file (see `read_metadata`) or an entry naming no existing file.
+    """
+    path = Path(path)
+    pairs = [
+        (path.parent / file, prompt) for file, prompt in read_metadata(path, (kind, "prompt"), unique=False)
+    ]
+    for number, (file, _) in enumerate(pairs, start=1):
+        if not file.is_file():
+            raise ValueError(f"{path}: entry {number} names {file}, which is not a file")
+    return pairs
+
+
+def media_for_prompts(source: str | Path, kind: str, num_prompts: int) -> list[Path]:
+    """One `kind` file per prompt: `source` itself for every prompt, or the `kind` files of the folder
+    `source` (by suffix, sorted by name) paired with the prompts in order, as many as there are prompts.
+
+    Raises:
+        ValueError: `source` is missing, or a folder without such files or with another number of them.
+    """
+    source = Path(source)
+    if source.is_file():
+        return [source] * num_prompts
+    if not source.is_dir():
+        raise ValueError(f"{source}: no such file or folder")
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES[kind])
+    if not files:
+        raise ValueError(f"{source}: the folder holds no {kind} files ({' '.join(SUFFIXES[kind])})")
+    if len(files) != num_prompts:
+        raise ValueError(
+            f"{source} holds {len(files)} {kind} files for {num_prompts} prompts: a folder pairs its files "
+            "(sorted by name) with the prompts line by line, so the counts must match"
+        )
+    return files
+
+
+@dataclass(frozen=True)
+class PromptMedia:
+    """One video to generate: `prompt` (names the output), `text` (conditions the model: the extended
+    prompt when one is given) and `media`, the file whose frames start the video (None: text only)."""
+
+    prompt: str
+    text: str
+    media: Path | None = None
 
 
 # 2. Frames -------------------------------------------------------------------------------------------
@@ -151,8 +218,10 @@ def read_frames(path: str | Path, count: int, stride: int = 1) -> np.ndarray:
     finally:
         reader.close()
     if len(frames) < needed:
-        raise MediaReadError(
-            f"{path}: has {len(frames)} frames, {needed} needed for {count} frames at stride {stride}"
+        raise TooFewFramesError(
+            f"{path}: has {len(frames)} frames, {needed} needed for {count} frames at stride {stride}",
+            len(frames),
+            needed,
         )
     return np.stack(frames[::stride][:count])
 
@@ -189,7 +258,8 @@ def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.T
 
 def to_model_pixels(frames: np.ndarray, height: int, width: int) -> torch.Tensor:
     """uint8 `[T, H, W, 3]` -> float32 `[3, T, height, width]` in [-1, 1], resized and centre-cropped."""
-    pixels = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    # np.array copies: decoded frames may be read-only, which torch.from_numpy warns about
+    pixels = torch.from_numpy(np.array(frames, dtype=np.uint8)).permute(0, 3, 1, 2).float()
     pixels = resize_center_crop(pixels, height, width)
     return (pixels / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
 
@@ -202,3 +272,26 @@ def load_clip(path: str | Path, num_frames: int, stride: int, height: int, width
 def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
     """An image as VAE input `[3, 1, height, width]` in [-1, 1] (MediaReadError)."""
     return to_model_pixels(read_image(path), height, width)
+
+
+def load_context_frames(
+    path: str | Path, kind: str, latent_frames: int, temporal_compression: int, height: int, width: int
+) -> torch.Tensor:
+    """The frames that become `latent_frames` latent frames of a VAE with `temporal_compression` t: an
+    image (one latent frame), or a video's first `1 + t (latent_frames - 1)` frames, as VAE input
+    `[3, T, height, width]` in [-1, 1].
+
+    Raises:
+        MediaReadError: unreadable file, or a video too short, with the rule in the message.
+    """
+    if kind == "image":
+        return load_image(path, height, width)
+    t, needed = temporal_compression, 1 + temporal_compression * (latent_frames - 1)
+    try:
+        return load_clip(path, needed, 1, height, width)
+    except TooFewFramesError as err:
+        raise MediaReadError(
+            f"{path}: has {err.available} frames, but {latent_frames} latent frames need its first {needed} "
+            f"(1 + {t} x ({latent_frames} - 1): the VAE turns every latent frame after the first into {t} "
+            "pixel frames)"
+        ) from err
