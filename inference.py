@@ -31,8 +31,7 @@ text-encoding, DiT and VAE-decode seconds, the time to the first decoded frame, 
 and frames per second counted in PIXEL frames (the mp4's RGB frames, not latent frames) over the
 whole prompt-to-last-frame time (with given frames: only the generated frames count, while their
 encoding, caching and decoding, `context_*_s`, count in the time). One warm-up video runs first and is
-not counted. The whole pipeline
-runs in `--dtype` (bf16 on CUDA by default, as upstream).
+not counted. The whole pipeline runs in `--dtype` (bf16 on CUDA by default, as upstream).
 """
 
 from __future__ import annotations
@@ -171,7 +170,10 @@ def read_jobs(args: argparse.Namespace) -> list[PromptMedia]:
     flag = f"--{kind}"
     if source is not None and is_metadata(source):
         if args.data_path is not None or args.extended_prompt_path is not None:
-            raise UserError(f"{flag} {source} is a metadata file with the prompts: leave out --data_path")
+            raise UserError(
+                f"{flag} {source} is a metadata file with the prompts: leave out --data_path and "
+                "--extended_prompt_path"
+            )
         try:
             return [PromptMedia(prompt, prompt, file) for file, prompt in media_metadata(source, kind)]
         except (OSError, ValueError) as err:

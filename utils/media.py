@@ -151,6 +151,8 @@ def media_metadata(path: str | Path, kind: str) -> list[tuple[Path, str]]:
         ValueError: a problem of the file (see `read_metadata`) or an entry naming no existing file.
     """
     path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such metadata file")
     pairs = [
         (path.parent / file, prompt) for file, prompt in read_metadata(path, (kind, "prompt"), unique=False)
     ]
