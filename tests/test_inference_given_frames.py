@@ -27,6 +27,7 @@ from wan.weights import write_self_forcing_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_dmd.yaml"  # latents 4 x 8 x 8 -> 64 x 64 pixels, blocks of 3, 6 frames
+TINY_I2V = "configs/tiny_dmd_i2v.yaml"  # the same with i2v: the image + 2 blocks of 3 (7 frames)
 WORLD = "configs/world/dmd.yaml"  # latents 48 x 4 x 4 -> 16 x 16 pixels, blocks of 3, 12 frames
 WORLD_PROMPTS = ["a red square moving left fast", "a blue circle moving up slow"]
 WRITE_MP4 = inference.write_mp4  # the real writer (tests wrap it to see the pixels)
@@ -176,14 +177,12 @@ def test_cached_context_equals_what_the_training_rollout_caches(monkeypatch, tmp
     code, _ = _infer(
         monkeypatch,
         tmp_path,
-        ["--config", TINY, "--data_path", str(prompts), "--image", str(tmp_path / "first.png"),
-         "--num_output_frames", "7", "independent_first_frame=true"],
+        ["--config", TINY_I2V, "--data_path", str(prompts), "--image", str(tmp_path / "first.png")],
     )  # fmt: skip
     assert code == 0
 
     # training: the i2v rollout of the DMD objective on the dataset's image latent
-    cfg = load_config(ROOT / TINY, ["i2v=true", "independent_first_frame=true", "image_or_video_shape=[1,7,4,8,8]",
-                                    "num_training_frames=7"])  # fmt: skip
+    cfg = load_config(ROOT / TINY_I2V)
     generator = make_dit(cfg, "generator")
     load_dit_weights(generator.model, toy_dit_state_dict(generator.model.config))
     scores = make_dit(cfg, "real_score"), make_dit(cfg, "fake_score")  # unused by the rollout
