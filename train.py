@@ -410,7 +410,9 @@ class Trainer:
             )
         else:
             dataset = LatentLMDBDataset(cfg.data_path, with_image_latent=cfg.i2v)
-            check_row_shape(dataset, (f, c, h, w), "clean_latent [F, C, H, W]")
+            # i2v DMD/SiD read only the first latent frame of each clip: any clip length will do
+            frames = None if cfg.trainer in ("dmd", "sid") else f
+            check_row_shape(dataset, (frames, c, h, w), "clean_latent [F, C, H, W]")
         self.dataset = dataset
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -630,11 +632,20 @@ class Trainer:
             vae=self.vae,
             num_max_frames=cfg.image_or_video_shape[1],
         )
-        prompts = [self.dataset[i]["prompts"] for i in range(min(2, len(self.dataset)))]
+        items = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
+        prompts = [item["prompts"] for item in items]
         cond = {
             "prompt_embeds": self.text_encoder(prompts)["prompt_embeds"].to(self.device, self.latent_dtype)
         }
         f, c, h, w = cfg.latent_shape
+        image = None  # i2v: the samples continue the data's first frames (ODE data: the clean end's)
+        if cfg.i2v:
+            firsts = [
+                item["image_latent"] if "image_latent" in item else item["ode_latent"][-1, :1]
+                for item in items
+            ]
+            image = torch.stack(firsts).to(self.device, self.latent_dtype)
+            f -= 1
         g = torch.Generator().manual_seed(self.seed)
         noise = torch.randn(len(prompts), f, c, h, w, generator=g).to(self.device, self.latent_dtype)
         self.generator.eval()
@@ -642,7 +653,7 @@ class Trainer:
             rate = cfg.sample_ema_weight if cfg.sample_ema_weight is not None else next(iter(self.emas), None)
             ema = self.emas.get(rate) if self.state.ema_active else None
             with ema.swap_into(self.generator) if ema is not None else contextlib.nullcontext():
-                out = pipe.inference(noise, cond, generator=g)
+                out = pipe.inference(noise, cond, initial_latent=image, generator=g)
         finally:
             self.generator.train()
         if out.videos is not None:

@@ -7,7 +7,8 @@ JSONL (one object per line). Each video becomes one float16 row ``[F, C, h, w]``
 
 1. decode with ffmpeg (imageio-ffmpeg) the first ``1 + (num_frames - 1) * frame_stride`` frames and keep
    every ``frame_stride``-th: ``num_frames`` pixel frames, ``num_frames = 1 + 4k`` for the Wan VAE;
-2. scale (bilinear, antialiased) so the frame covers ``height x width``, then centre-crop to it;
+2. scale (bilinear, antialiased) so the frame covers ``height x width``, then centre-crop to it (the
+   rule of ``utils/media.py``, which ``inference.py --image/--video`` applies too);
 3. map to [-1, 1] and ``WanVAE.encode`` (posterior mean, normalised) -> ``F = 1 + (num_frames - 1) / 4``.
 
 A video that cannot be read (missing, corrupt, too short) is logged, counted and skipped; the job goes
@@ -21,18 +22,12 @@ on. Resumable: a restart (or a rerun with a longer metadata file) skips every vi
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -41,125 +36,9 @@ from utils.dataset import shard_indices
 from utils.distributed import DistInfo, barrier, distributed_session
 from utils.lmdb import LMDBWriter, read_done_keys, shard_path
 from utils.logging import setup_logging
+from utils.media import MediaReadError, load_clip, read_metadata
 
 logger = logging.getLogger(__name__)
-
-METADATA_COLUMNS = ("video", "prompt")
-
-
-class VideoReadError(RuntimeError):
-    """A video could not be turned into a clip (unreadable, corrupt or too short)."""
-
-
-# 1. Metadata -----------------------------------------------------------------------------------------
-
-
-def _records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
-    """(1-based line or item number, record) pairs of a CSV / JSON / JSONL metadata file."""
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps quoted newlines inside a field
-        missing = [c for c in METADATA_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: CSV header {reader.fieldnames} lacks column(s) {missing}")
-        return [(reader.line_num, row) for row in reader]
-    if suffix == ".jsonl":
-        out = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append((number, json.loads(line)))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {number} is not JSON ({err})") from err
-        return out
-    if suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON ({err})") from err
-        if not isinstance(items, list):
-            raise ValueError(
-                f"{path}: expected a JSON list of {{video, prompt}} objects, got {type(items).__name__}"
-            )
-        return list(enumerate(items, start=1))
-    raise ValueError(f"{path}: unknown metadata format {suffix!r}; use .csv, .json or .jsonl")
-
-
-def read_metadata(path: str | Path) -> list[tuple[str, str]]:
-    """``(video, prompt)`` pairs of a metadata file, first occurrence of each video kept."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 at byte {err.start}") from err
-    entries: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for number, record in _records(path, text):
-        if not isinstance(record, dict) or any(not isinstance(record.get(c), str) for c in METADATA_COLUMNS):
-            raise ValueError(
-                f"{path}: entry {number} must have string fields {METADATA_COLUMNS}, got {record!r}"
-            )
-        video, prompt = record["video"].strip(), record["prompt"].strip()
-        if not video or not prompt:
-            raise ValueError(f"{path}: entry {number} has an empty video or prompt: {record!r}")
-        if video not in seen:
-            seen.add(video)
-            entries.append((video, prompt))
-    if not entries:
-        raise ValueError(f"{path}: no videos listed")
-    return entries
-
-
-# 2. Frames -------------------------------------------------------------------------------------------
-
-
-def read_frames(path: str | Path, count: int, stride: int) -> np.ndarray:
-    """Frames ``0, stride, ..., (count - 1) * stride`` of a video as uint8 ``[count, H, W, 3]`` (RGB).
-
-    Raises:
-        VideoReadError: if ffmpeg cannot decode the file or it has too few frames.
-    """
-    needed = (count - 1) * stride + 1
-    # ffmpeg stops after `needed` frames, so long videos are not decoded to the end.
-    reader = imageio_ffmpeg.read_frames(str(path), output_params=["-frames:v", str(needed)])
-    frames = []
-    try:
-        meta = next(reader)
-        width, height = meta["size"]
-        for raw in reader:
-            frames.append(np.frombuffer(raw, dtype=np.uint8).reshape(height, width, 3))
-    except Exception as err:  # ffmpeg reports every kind of failure as a generic error
-        raise VideoReadError(
-            f"{path}: cannot decode ({str(err).strip().splitlines()[0] if str(err) else err!r})"
-        ) from err
-    finally:
-        reader.close()
-    if len(frames) < needed:
-        raise VideoReadError(
-            f"{path}: has {len(frames)} frames, {needed} needed for {count} frames at stride {stride}"
-        )
-    return np.stack(frames[::stride][:count])
-
-
-def resize_center_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``[T, 3, h, w]`` float -> ``[T, 3, height, width]``: scale (bilinear, antialiased) by the smallest
-    factor that covers the target, each side rounded to the nearest pixel, then centre-crop."""
-    h, w = frames.shape[-2:]
-    scale = max(height / h, width / w)
-    new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
-    if (new_h, new_w) != (h, w):
-        frames = F.interpolate(
-            frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
-        )
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    return frames[..., top : top + height, left : left + width]
-
-
-def load_clip(path: str | Path, num_frames: int, stride: int, height: int, width: int) -> torch.Tensor:
-    """A video as VAE input ``[3, num_frames, height, width]`` float32 in [-1, 1] (raises VideoReadError)."""
-    frames = torch.from_numpy(read_frames(path, num_frames, stride)).permute(0, 3, 1, 2).float()
-    frames = resize_center_crop(frames, height, width)
-    return (frames / 127.5 - 1.0).clamp(-1.0, 1.0).permute(1, 0, 2, 3).contiguous()
 
 
 class VideoClips(Dataset):
@@ -187,7 +66,7 @@ class VideoClips(Dataset):
             item["pixels"] = load_clip(
                 self.root / video, self.num_frames, self.stride, self.height, self.width
             )
-        except VideoReadError as err:
+        except MediaReadError as err:
             item["error"] = str(err)
         return item
 

@@ -307,6 +307,16 @@ def test_range_checks_name_the_key():
         load_config(None, ["model_kwargs.local_attn_size=2", "model_kwargs.sink_size=2"])
 
 
+def test_i2v_needs_an_i2v_objective_and_the_image_in_a_block_of_its_own():
+    for trainer in ("dmd", "sid", "gan", "ode"):
+        assert load_config(None, [f"trainer={trainer}", "i2v=true", "independent_first_frame=true"]).i2v
+    with pytest.raises(ConfigError, match=r"i2v=true needs independent_first_frame=true"):
+        load_config(None, ["i2v=true"])
+    for trainer in ("diffusion", "causvid", "teacher_regression"):
+        with pytest.raises(ConfigError, match=rf"i2v=true applies to trainer in .* not trainer='{trainer}'"):
+            load_config(None, [f"trainer={trainer}", "i2v=true", "independent_first_frame=true"])
+
+
 def test_model_presets_agree_with_wan_presets():
     # utils may not import wan, so the preset names are listed twice; they must stay in sync.
     from utils.config import MODEL_PRESETS

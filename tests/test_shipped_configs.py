@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.build import NEEDS, build_objective_from_config, make_dit, step_list
-from utils.config import load_config
+from utils.config import config_to_dict, load_config
 from wan.gan_head import add_gan_head
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -25,6 +25,28 @@ def test_configs_are_shipped():
         "causal_diffusion",
     } <= names
     assert {f"tiny_{t}" for t in ("dmd", "sid", "gan", "ode", "causal_diffusion", "causvid")} <= names
+    # image-to-video: one full-size config per objective with an I2V recipe, one tiny one for CI
+    assert {
+        "self_forcing_dmd_i2v",
+        "self_forcing_sid_i2v",
+        "self_forcing_gan_i2v",
+        "ode_init_i2v",
+        "tiny_dmd_i2v",
+    } <= names
+
+
+def test_i2v_configs_are_their_t2v_configs_plus_the_image():
+    # Each *_i2v.yaml changes only the I2V keys, the rollout length (the image + the same 7 blocks of 3),
+    # the data and the init checkpoint; everything else is the T2V recipe.
+    changed = {"i2v", "independent_first_frame", "image_or_video_shape", "num_training_frames", "data_path",
+               "generator_ckpt"}  # fmt: skip
+    for i2v in (p for p in CONFIGS if p.stem.endswith("_i2v")):
+        t2v = config_to_dict(load_config(i2v.with_name(i2v.stem.removesuffix("_i2v") + ".yaml")))
+        ours = config_to_dict(load_config(i2v))
+        assert {k for k in ours if ours[k] != t2v[k]} <= changed, i2v.stem
+        assert ours["i2v"] and ours["independent_first_frame"]
+        frames = ours["image_or_video_shape"][1]
+        assert frames == ours["num_training_frames"] == 1 + t2v["image_or_video_shape"][1] // 3 * 3
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)

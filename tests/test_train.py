@@ -317,20 +317,17 @@ def test_gan_head_lr_multiplier_warmup_and_tap_layers(tmp_path, toy_lmdb):
 
 
 def test_image_to_video_dmd_trains_on_video_latents(tmp_path):
-    # i2v: the first latent frame of a real clip conditions the rollout ([1, N, N] blocks).
+    # configs/tiny_dmd_i2v.yaml: the first latent frame of a real clip conditions the rollout
+    # ([1, N, N] blocks); clips of any length serve (6 frames here, 7 rolled out); the sample videos
+    # continue the data's first frames too.
     data = tmp_path / "latents"
     g = torch.Generator().manual_seed(1)
     with LMDBWriter(data) as writer:
         for i in range(4):
-            writer.write(f"clip {i}", torch.randn(7, 4, 8, 8, generator=g))
-    overrides = [
-        f"data_path={data}",
-        "i2v=true",
-        "independent_first_frame=true",
-        "image_or_video_shape=[1,7,4,8,8]",
-    ]
-    train("configs/tiny_dmd.yaml", tmp_path / "run", [*overrides, "num_training_frames=7", *FAST])
+            writer.write(f"clip {i}", torch.randn(6, 4, 8, 8, generator=g))
+    train("configs/tiny_dmd_i2v.yaml", tmp_path / "run", [f"data_path={data}", *FAST, "sample_every=3"])
     assert load_checkpoint(tmp_path / "run", 3)["trainer"]["step"] == 3
+    assert list((tmp_path / "run" / "samples").glob("*sample0*"))
 
 
 def test_generator_ckpt_accepts_an_exported_or_upstream_pt(tmp_path):

@@ -41,6 +41,8 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 TRAINERS = ("dmd", "sid", "gan", "ode", "diffusion", "causvid", "teacher_regression")
+# Objectives with an image-to-video recipe: rollouts from the data's first frame, or (ODE) that frame clean.
+I2V_TRAINERS = ("dmd", "sid", "gan", "ode")
 # Must agree with `wan.WanConfig.preset` (utils may not import wan).
 # "world" is the shapes world's network; "world-exact" (real_score_model only) its exact teacher.
 MODEL_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny", "world", "world-exact")
@@ -88,7 +90,9 @@ class TrainConfig:
     # --- data ------------------------------------------------------------------------------------
     data_path: str | None = None  # prompt .txt file, or LMDB directory for latent/ODE data
     negative_prompt: str = WAN_NEGATIVE_PROMPT  # unconditional text for classifier-free guidance
-    i2v: bool = False  # image-conditioned training (first latent frame given)
+    # Image-to-video (dmd/sid/gan/ode; needs independent_first_frame): the first latent frame of each
+    # data clip (video-latent LMDB; ODE: the trajectory's clean end) is given, the rest generated.
+    i2v: bool = False
     max_pair: int | None = None  # cap on ODE pairs read from the LMDB; None = all
 
     # --- models and weights ----------------------------------------------------------------------
@@ -388,6 +392,16 @@ def validate_config(cfg: TrainConfig) -> None:
         )
     if any(a <= b for a, b in zip(steps, steps[1:])):
         raise ConfigError(f"denoising_step_list must be strictly decreasing, got {steps}")
+    if cfg.i2v and cfg.trainer not in I2V_TRAINERS:
+        raise ConfigError(
+            f"i2v=true applies to trainer in {list(I2V_TRAINERS)} (rollouts start from the data's first "
+            f"frame; ODE regression takes it clean), not trainer={cfg.trainer!r}"
+        )
+    if cfg.i2v and not cfg.independent_first_frame:
+        raise ConfigError(
+            "i2v=true needs independent_first_frame=true: the image is the first latent frame and is "
+            "cached as a block of its own ([1, N, N, ...]), in training as at inference"
+        )
     window = cfg.model_kwargs.local_attn_size
     if window != -1 and not cfg.model_kwargs.sink_size < window:
         raise ConfigError(
