@@ -3,6 +3,7 @@
     python inference.py --config configs/self_forcing_dmd.yaml --checkpoint checkpoints/self_forcing_dmd.pt \
         --data_path prompts.txt --output_folder videos/ --use_ema [RATE] [--lora adapters/ --lora_scale 1.0]
     torchrun --nproc_per_node 8 inference.py ...        # every prompt generated exactly once
+    torchrun --nproc_per_node 8 inference.py ... sp_size=2  # 4 groups of 2 ranks, each splits its videos' tokens
 
 `--checkpoint` takes one of our run directories (or a checkpoint directory inside one), an exported or
 upstream Self-Forcing `.pt` (`generator` / `generator_ema`), or official/diffusers safetensors.
@@ -48,6 +49,7 @@ from utils.lora import (
     set_adapter_scale,
     split_lora_state_dict,
 )
+from utils.sequence_parallel import enable_sequence_parallel, init_sequence_parallel
 from wan.lora_weights import read_lora
 from wan.toy import toy_dit_state_dict
 from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
@@ -239,6 +241,8 @@ def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     with distributed_session() as info:
         setup_logging(info.rank)
+        # sp_size ranks generate each video together (sequence parallelism); groups split the prompts
+        parallel = init_sequence_parallel(cfg.sp_size, info)
         out_dir = Path(args.output_folder)
         if info.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +254,7 @@ def run(args: argparse.Namespace) -> None:
         if args.lora is not None:
             apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
+        enable_sequence_parallel(generator.model, parallel, "generator_model")
         text_encoder = build_text_encoder(cfg, info.device, dtype).to(dtype)
         vae = build_vae(cfg, info.device, dtype).to(info.device, dtype)
         f_train, c, h, w = cfg.latent_shape
@@ -264,12 +269,13 @@ def run(args: argparse.Namespace) -> None:
             vae=vae,
             num_max_frames=frames,
         )
-        # 2. prompts: each rank takes every world_size-th prompt; none dropped, none repeated
+        # 2. prompts: each sequence-parallel group (each rank when sp_size=1) takes every dp_size-th
+        #    prompt; none dropped, none repeated
         try:
             prompts = TextDataset(args.data_path, args.extended_prompt_path)
         except (OSError, ValueError) as err:
             raise UserError(f"--data_path {args.data_path}: {err}") from err
-        mine = shard_indices(len(prompts), info.rank, info.world_size)
+        mine = shard_indices(len(prompts), parallel.dp_rank, parallel.dp_size)
 
         def text_of(idx: int) -> str:
             item = prompts[idx]
@@ -298,6 +304,8 @@ def run(args: argparse.Namespace) -> None:
                 out = generate_one(pipe, text_encoder, text_of(idx), noise, g, dtype)
                 video = out.pop("video")
                 name = f"{idx:05d}-{k}_{slug(prompts[idx]['prompts'])}.mp4"
+                if not parallel.sp_leader:  # the group's other ranks made the same video
+                    continue
                 write_mp4(out_dir / name, video, args.fps)
                 records.append(
                     {
@@ -313,19 +321,22 @@ def run(args: argparse.Namespace) -> None:
                     }
                 )
                 if bar is not None:
-                    bar.update(info.world_size)
+                    bar.update(parallel.dp_size)
         if bar is not None:
             bar.close()
         # 4. one summary for all ranks
         gathered = [(records, warmup)]
         if info.world_size > 1:
             gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, (records, warmup))
+            torch.distributed.all_gather_object(
+                gathered, (records, warmup) if parallel.sp_leader else ([], None)
+            )
         if info.rank == 0:
             videos = sorted(
                 (r for part, _ in gathered for r in part), key=lambda r: (r["index"], r["sample"])
             )
             summary = summarise(videos, gathered[0][1], info, dtype, args)
+            summary["sp_size"] = parallel.sp_size  # ranks per video
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             logger.info(
                 "%d videos; %.1f pixel frames/s (text encoding, DiT and VAE decode included), median "

@@ -1,0 +1,157 @@
+"""Ulysses sequence parallelism (sp_size): the DiT with its tokens split over 2 ranks against the
+one-process DiT, and the trainer / inference at sp_size=2 against sp_size=1.
+
+The network checks run in one torchrun launch (tests/_dist_scripts/sequence_parallel_checks.py, see
+its docstring for what "equal" means for gradients); the end-to-end runs are marked slow.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import imageio.v3 as iio
+import pytest
+import torch
+
+from tests.dist_helpers import (
+    DIST_SCRIPTS,
+    assert_check,
+    load_check_results,
+    run_torchrun,
+    single_process_group,
+    subprocess_env,
+)
+from tests.test_inference_cli import _check_outputs, _infer
+from tests.test_train import _cmd, kill_after_checkpoint, load_checkpoint, train, weights
+from utils.config import ConfigError, load_config
+from utils.errors import UserError
+from utils.run_record import CHANGEABLE_KEYS
+from utils.sequence_parallel import init_sequence_parallel
+from wan import CausalWanModel, WanConfig, WanModel
+
+NPROC = 2
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequence_parallel_checks")
+    run_torchrun(DIST_SCRIPTS / "sequence_parallel_checks.py", [out], nproc=NPROC, timeout=600)
+    return load_check_results(out, NPROC)
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        "layout",
+        "bidirectional",
+        "causal_train",
+        "causal_train_window_sink",
+        "teacher_forcing",
+        "cached_rollout",
+        "rollout_grad",
+        "gan_head",
+        "dmd_step_fsdp",
+    ],
+)
+def test_two_rank_sequence_parallel_check(results, check):
+    assert_check(results, check)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class _Group:
+    """Stands in for a communicator where only its size matters (the head check)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.rank = size, 0
+
+
+def test_heads_that_do_not_split_over_sp_are_refused():
+    three_heads = WanConfig.preset("tiny").replace(dim=36, num_heads=3)
+    for model in (WanModel(three_heads), CausalWanModel(three_heads, num_frame_per_block=3)):
+        with pytest.raises(ValueError, match=r"num_heads \(3\) divisible by sp_size \(2\).*\[1, 3\]"):
+            model.enable_sequence_parallel(_Group(2))
+        assert model.sequence_parallel is None
+    model = WanModel(WanConfig.preset("tiny"))
+    model.enable_sequence_parallel(_Group(1))  # a group of one is no sequence parallelism at all
+    assert model.sequence_parallel is None
+
+
+def test_sp_size_must_divide_the_processes():
+    with single_process_group() as info:
+        with pytest.raises(UserError, match=r"sp_size=2 .*world_size=1"):
+            init_sequence_parallel(2, info)
+        dims = init_sequence_parallel(1, info)
+        assert (dims.dp_rank, dims.dp_size, dims.sp_rank, dims.comm) == (0, 1, 0, None)
+
+
+def test_sp_size_key():
+    assert load_config(None, []).sp_size == 1
+    with pytest.raises(ConfigError, match="sp_size must be >= 1"):
+        load_config(None, ["sp_size=0"])
+    assert "sp_size" in CHANGEABLE_KEYS  # a run resumes at another sp_size
+
+
+def test_train_refuses_an_sp_size_that_does_not_divide_the_processes(tmp_path):
+    proc = subprocess.run(
+        _cmd("configs/tiny_dmd.yaml", tmp_path / "run", ["max_steps=1", "sp_size=3"]),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: sp_size=3 must be >= 1 and divide the number of processes (world_size=1)" in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+# 6x6 latents: 9 tokens per frame, which do not split over 2 ranks.
+ODD = ["image_or_video_shape=[1,6,4,6,6]", "sample_every=0", "dfake_gen_update_ratio=1", "ema_start_step=1"]
+
+
+@pytest.mark.slow
+def test_dmd_training_at_sp2_equals_sp1(tmp_path):
+    common = [*ODD, "max_steps=2", "log_iters=2"]
+    train("configs/tiny_dmd.yaml", tmp_path / "sp2", [*common, "sp_size=2"], nproc=2)
+    train("configs/tiny_dmd.yaml", tmp_path / "sp1", common, nproc=1)
+    a, b = weights(load_checkpoint(tmp_path / "sp2", 2)), weights(load_checkpoint(tmp_path / "sp1", 2))
+    assert a.keys() == b.keys() and any(k.startswith("critic.") for k in a)
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_kill_at_sp2_resumes_exactly_at_sp1(tmp_path):
+    common = [*ODD, "max_steps=4", "log_iters=2"]
+    # Uninterrupted at sp=2; its step-2 checkpoint also seeds a clean resume at sp=1.
+    train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "sp_size=2"], nproc=2)
+    clean = tmp_path / "clean"
+    shutil.copytree(tmp_path / "straight", clean)
+    shutil.rmtree(clean / "checkpoints" / "step_00000004")
+    # kill -9 at sp=2 as soon as step 2 is on disk, then resume both at sp=1 (one process).
+    killed = tmp_path / "killed"
+    marker = kill_after_checkpoint("configs/tiny_dmd.yaml", killed, [*common, "sp_size=2"], step=2, nproc=2)
+    assert marker.exists() and not (killed / "checkpoints" / "step_00000004").exists(), "kill came too late"
+    for run in (killed, clean):
+        assert "resumed from step 2" in train("configs/tiny_dmd.yaml", run, common, nproc=1)
+    a, b = weights(load_checkpoint(killed, 4)), weights(load_checkpoint(clean, 4))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ref = weights(load_checkpoint(tmp_path / "straight", 4))  # sp=2 throughout: the same to round-off
+    for k in a:
+        assert torch.allclose(a[k], ref[k], rtol=1e-5, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_inference_with_sp2_matches_one_process(tmp_path):
+    one = _infer(tmp_path, "one", [])
+    two = _infer(tmp_path, "sp", ["sp_size=2"], nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-4000:]
+    _check_outputs(tmp_path / "one", 9)
+    summary = _check_outputs(tmp_path / "sp", 9)  # every prompt once: one group of 2 ranks
+    assert summary["sp_size"] == 2 and summary["world_size"] == 2
+    for mp4 in (tmp_path / "one").glob("*.mp4"):
+        diff = iio.imread(mp4).astype(int) - iio.imread(tmp_path / "sp" / mp4.name).astype(int)
+        assert abs(diff).max() <= 2, mp4.name
