@@ -80,11 +80,15 @@ class UlyssesComm:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    # Outside compiled graphs (`compile: true` compiles each block): the collectives and their
+    # autograd functions run eagerly between the compiled pieces.
+    @torch.compiler.disable
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != self.size:
             raise ValueError(f"all_to_all: dim 0 must be the group size {self.size}, got {tuple(x.shape)}")
         return _AllToAll.apply(x, self.group)
 
+    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         return _AllGather.apply(x, self.group, self.size)
 
