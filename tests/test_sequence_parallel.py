@@ -24,7 +24,7 @@ from tests.dist_helpers import (
     single_process_group,
     subprocess_env,
 )
-from tests.test_inference_cli import _check_outputs, _infer
+from tests.test_inference_cli import PROMPTS, _check_outputs, _run
 from tests.test_train import _cmd, kill_after_checkpoint, load_checkpoint, train, weights
 from utils.config import ConfigError, load_config
 from utils.errors import UserError
@@ -54,6 +54,7 @@ def results(tmp_path_factory):
         "rollout_grad",
         "gan_head",
         "dmd_step_fsdp",
+        "activations_per_rank",
     ],
 )
 def test_two_rank_sequence_parallel_check(results, check):
@@ -66,6 +67,16 @@ def test_check_cuda_sequence_parallel_section_runs_on_gloo():
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("sequence parallel over gloo (sp=2, torch.float32)"), proc.stdout
     assert "causal training path out" in line and "bidirectional out" in line
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_count_on_fake_tensors_equals_a_real_forward(checkpointing):
+    from scripts.activation_memory import count
+
+    cfg = WanConfig.preset("tiny")
+    for dtype in (torch.float32, torch.bfloat16):
+        real = count(cfg, 2, 3, (6, 6), dtype, checkpointing, fake=False)
+        assert count(cfg, 2, 3, (6, 6), dtype, checkpointing, fake=True) == real > 0
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -118,6 +129,7 @@ def test_train_refuses_an_sp_size_that_does_not_divide_the_processes(tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 # 6x6 latents: 9 tokens per frame, which do not split over 2 ranks.
 ODD = ["image_or_video_shape=[1,6,4,6,6]", "sample_every=0", "dfake_gen_update_ratio=1", "ema_start_step=1"]
+TIMEOUT = 900  # seconds per launch: torchrun start-up alone takes minutes on a loaded 2-core machine
 
 
 def assert_same_run(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -137,8 +149,8 @@ def logged(run) -> list[dict[str, float]]:
 @pytest.mark.slow
 def test_dmd_training_at_sp2_equals_sp1(tmp_path):
     common = [*ODD, "max_steps=2", "log_iters=2"]
-    train("configs/tiny_dmd.yaml", tmp_path / "sp2", [*common, "sp_size=2"], nproc=2)
-    train("configs/tiny_dmd.yaml", tmp_path / "sp1", common, nproc=1)
+    train("configs/tiny_dmd.yaml", tmp_path / "sp2", [*common, "sp_size=2"], nproc=2, timeout=TIMEOUT)
+    train("configs/tiny_dmd.yaml", tmp_path / "sp1", common, nproc=1, timeout=TIMEOUT)
     two, one = logged(tmp_path / "sp2"), logged(tmp_path / "sp1")
     assert len(two) == len(one) == 2 and all(len(r) == 4 for r in one)  # both losses and grad norms
     for r2, r1 in zip(two, one, strict=True):
@@ -154,16 +166,18 @@ def test_dmd_training_at_sp2_equals_sp1(tmp_path):
 def test_kill_at_sp2_resumes_exactly_at_sp1(tmp_path):
     common = [*ODD, "max_steps=4", "log_iters=2"]
     # Uninterrupted at sp=2; its step-2 checkpoint also seeds a clean resume at sp=1.
-    train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "sp_size=2"], nproc=2)
+    train("configs/tiny_dmd.yaml", tmp_path / "straight", [*common, "sp_size=2"], nproc=2, timeout=TIMEOUT)
     clean = tmp_path / "clean"
     shutil.copytree(tmp_path / "straight", clean)
     shutil.rmtree(clean / "checkpoints" / "step_00000004")
     # kill -9 at sp=2 as soon as step 2 is on disk, then resume both at sp=1 (one process).
     killed = tmp_path / "killed"
-    marker = kill_after_checkpoint("configs/tiny_dmd.yaml", killed, [*common, "sp_size=2"], step=2, nproc=2)
+    marker = kill_after_checkpoint(
+        "configs/tiny_dmd.yaml", killed, [*common, "sp_size=2"], step=2, nproc=2, wait_s=TIMEOUT
+    )
     assert marker.exists() and not (killed / "checkpoints" / "step_00000004").exists(), "kill came too late"
     for run in (killed, clean):
-        assert "resumed from step 2" in train("configs/tiny_dmd.yaml", run, common, nproc=1)
+        assert "resumed from step 2" in train("configs/tiny_dmd.yaml", run, common, nproc=1, timeout=TIMEOUT)
     a, b = weights(load_checkpoint(killed, 4)), weights(load_checkpoint(clean, 4))
     assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
     for k in a:
@@ -173,15 +187,28 @@ def test_kill_at_sp2_resumes_exactly_at_sp1(tmp_path):
 
 @pytest.mark.slow
 def test_inference_with_sp2_matches_one_process(tmp_path):
-    one = _infer(tmp_path, "one", [])
-    two = _infer(tmp_path, "sp", ["sp_size=2"], nproc=2)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    args = [
+        "inference.py",
+        "--config",
+        "configs/tiny_dmd.yaml",
+        "--data_path",
+        str(prompts),
+        "--num_output_frames",
+        "3",
+    ]
+    one = _run([*args, "--output_folder", str(tmp_path / "one")], timeout=TIMEOUT)
+    two = _run([*args, "--output_folder", str(tmp_path / "sp"), "sp_size=2"], nproc=2, timeout=TIMEOUT)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-4000:]
     _check_outputs(tmp_path / "one", 9)
     summary = _check_outputs(tmp_path / "sp", 9)  # every prompt once: one group of 2 ranks
     assert summary["sp_size"] == 2 and summary["world_size"] == 2
+    # The latents differ by float32 round-off; a pixel that rounds the other way changes H.264's choices
+    # a little, so the decoded mp4s are close, not equal (a different video differs by tens on average).
     for mp4 in (tmp_path / "one").glob("*.mp4"):
-        diff = iio.imread(mp4).astype(int) - iio.imread(tmp_path / "sp" / mp4.name).astype(int)
-        assert abs(diff).max() <= 2, mp4.name
+        diff = abs(iio.imread(mp4).astype(int) - iio.imread(tmp_path / "sp" / mp4.name).astype(int))
+        assert diff.mean() <= 0.05 and diff.max() <= 16, (mp4.name, diff.mean(), diff.max())
 
 
 @pytest.mark.slow

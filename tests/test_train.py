@@ -66,7 +66,9 @@ def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeo
     return proc.stdout + proc.stderr
 
 
-def kill_after_checkpoint(config: str, logdir: Path, overrides: list[str], step: int, nproc: int = 1) -> Path:
+def kill_after_checkpoint(
+    config: str, logdir: Path, overrides: list[str], step: int, nproc: int = 1, wait_s: float = 180
+) -> Path:
     """Start a run (under torchrun with `nproc` > 1) and kill -9 it as soon as the checkpoint of `step`
     is complete on disk; returns that checkpoint's COMPLETE marker (which the caller checks exists).
 
@@ -81,7 +83,7 @@ def kill_after_checkpoint(config: str, logdir: Path, overrides: list[str], step:
         start_new_session=True,
     )
     marker = logdir / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
-    deadline = time.time() + 180
+    deadline = time.time() + wait_s
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     try:

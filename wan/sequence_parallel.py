@@ -116,9 +116,13 @@ class TokenShards:
             [x.reshape(b, self.frames, tp, sp, h // sp, d).permute(3, 0, 1, 2, 4, 5) for x in xs], dim=1
         )
         recv = self.comm.all_to_all(send)  # chunk i: rank i's tokens of every frame, my heads
-        full = recv.permute(1, 2, 3, 0, 4, 5, 6).reshape(n, b, self.frames, sp * tp, h // sp, d)
-        full = full[:, :, :, : self.tokens_per_frame].reshape(n, b, -1, h // sp, d)
-        return tuple(full.unbind(0))
+        # One copy per tensor (not one stacked buffer): attention keeps v for backward, and a view
+        # into a stacked buffer would keep q and k alive with it.
+        outs = []
+        for i in range(n):
+            full = recv[:, i].permute(1, 2, 0, 3, 4, 5).reshape(b, self.frames, sp * tp, h // sp, d)
+            outs.append(full[:, :, : self.tokens_per_frame].reshape(b, -1, h // sp, d))
+        return tuple(outs)
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of `to_heads` for one tensor: `[B, F*T, H/size, D]` -> `[B, F*Tp, H, D]`."""

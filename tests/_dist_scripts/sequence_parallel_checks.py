@@ -284,6 +284,23 @@ def check_dmd_step_fsdp(dims: ParallelDims, info) -> None:
             close(p.grad.full_tensor(), q.grad, f"DMD {role} step: gradient of {name}")
 
 
+def check_activations_per_rank(dims: ParallelDims) -> None:
+    """What each rank keeps for backward (scripts/activation_memory.py, real tensors, fp32): half of a
+    block's per-token bytes plus one copy of self-attention's output (dim floats per token, kept in the
+    head layout by attention and in the token layout by the output projection), the whole text K/V;
+    and the shape-only count behind the README's table gives exactly the same bytes."""
+    from scripts.activation_memory import ShapeComm, fit
+
+    per_rank = fit(TINY, torch.float32, False, fake=False, comm=dims.comm)  # 24 tokens per frame: even
+    whole = fit(TINY, torch.float32, False, fake=False)
+    assert SP * per_rank["per_token_layer"] == whole["per_token_layer"] + 4 * TINY.dim, (per_rank, whole)
+    assert per_rank["per_layer"] == whole["per_layer"] > 0, (per_rank, whole)
+    assert fit(TINY, torch.float32, False, comm=ShapeComm(SP)) == per_rank
+    assert fit(TINY, torch.float32, True, comm=ShapeComm(SP)) == fit(
+        TINY, torch.float32, True, fake=False, comm=dims.comm
+    )
+
+
 def main() -> None:
     out_dir = sys.argv[1]
     info = init_distributed()
@@ -300,6 +317,7 @@ def main() -> None:
         "rollout_grad": check_rollout_grad,
         "gan_head": check_gan_head,
         "dmd_step_fsdp": lambda d: check_dmd_step_fsdp(d, info),
+        "activations_per_rank": check_activations_per_rank,
     }
     only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else set(checks)
     for name, fn in checks.items():
