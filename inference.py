@@ -3,6 +3,7 @@
     python inference.py --config configs/self_forcing_dmd.yaml --checkpoint checkpoints/self_forcing_dmd.pt \
         --data_path prompts.txt --output_folder videos/ --use_ema [RATE] [--lora adapters/ --lora_scale 1.0]
     torchrun --nproc_per_node 8 inference.py ...        # every prompt generated exactly once
+    torchrun --nproc_per_node 8 inference.py ... sp_size=2  # 4 groups of 2 ranks, each splits its videos' tokens
 
 `--checkpoint` takes one of our run directories (or a checkpoint directory inside one), an exported or
 upstream Self-Forcing `.pt` (`generator` / `generator_ema`), or official/diffusers safetensors.
@@ -77,6 +78,7 @@ from utils.media import (
     media_for_prompts,
     media_metadata,
 )
+from utils.sequence_parallel import enable_sequence_parallel, init_sequence_parallel
 from wan.lora_weights import read_lora
 from wan.toy import toy_dit_state_dict
 from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
@@ -448,9 +450,11 @@ def run(args: argparse.Namespace) -> None:
     with distributed_session() as info:
         setup_logging(info.rank)
         # 1. what to generate, checked before anything heavy: prompts, given files, block layout.
-        #    Each rank takes every world_size-th video; none dropped, none repeated.
+        #    sp_size ranks generate each video together (sequence parallelism); each group (each rank
+        #    when sp_size=1) takes every dp_size-th video; none dropped, none repeated.
         jobs = read_jobs(args)
-        mine = shard_indices(len(jobs), info.rank, info.world_size)
+        parallel = init_sequence_parallel(cfg.sp_size, info)
+        mine = shard_indices(len(jobs), parallel.dp_rank, parallel.dp_size)
         out_dir = Path(args.output_folder)
         if info.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,6 +471,7 @@ def run(args: argparse.Namespace) -> None:
         if args.lora is not None:
             apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
+        enable_sequence_parallel(generator.model, parallel, "generator_model")
         text_encoder = build_text_encoder(cfg, info.device, dtype).to(dtype)
         pipe = CausalInferencePipeline(
             generator,
@@ -503,6 +508,8 @@ def run(args: argparse.Namespace) -> None:
                 out = make_one(idx, k)
                 video = out.pop("video")
                 name = f"{idx:05d}-{k}_{slug(jobs[idx].prompt)}.mp4"
+                if not parallel.sp_leader:  # the group's other ranks made the same video
+                    continue
                 write_mp4(out_dir / name, video, args.fps)
                 generated = int(video.shape[0]) - out["context_pixel_frames"]
                 records.append(
@@ -522,19 +529,22 @@ def run(args: argparse.Namespace) -> None:
                     }
                 )
                 if bar is not None:
-                    bar.update(info.world_size)
+                    bar.update(parallel.dp_size)
         if bar is not None:
             bar.close()
         # 4. one summary for all ranks
         gathered = [(records, warmup)]
         if info.world_size > 1:
             gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, (records, warmup))
+            torch.distributed.all_gather_object(
+                gathered, (records, warmup) if parallel.sp_leader else ([], None)
+            )
         if info.rank == 0:
             videos = sorted(
                 (r for part, _ in gathered for r in part), key=lambda r: (r["index"], r["sample"])
             )
             summary = summarise(videos, gathered[0][1], info, dtype, args)
+            summary["sp_size"] = parallel.sp_size  # ranks per video
             (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             logger.info(
                 "%d videos; %.1f generated pixel frames/s (text encoding, DiT and VAE decode included), "

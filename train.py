@@ -77,6 +77,7 @@ from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.lora import add_lora
 from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
 from utils.run_record import OVERRIDE_FLAG, check_resume_config, saved_run_config, write_config
+from utils.sequence_parallel import ParallelDims, enable_sequence_parallel, init_sequence_parallel
 from wan import WanDiffusionWrapper
 from wan.gan_head import gan_head_parameter_names
 
@@ -144,14 +145,18 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":  # activations live in host memory: reuse it across steps
             keep_freed_host_memory()
-        self.accum = resolve_accumulation(cfg, self.dist.world_size)
+        # world = dp x sp: the ranks of a sequence-parallel group share batches and noise, so data,
+        # seeds and accumulation count data-parallel replicas (`dp`), not processes.
+        self.parallel: ParallelDims = init_sequence_parallel(cfg.sp_size, self.dist)
+        self.accum = resolve_accumulation(cfg, self.parallel.dp_size)
         self._reconcile_with_run_record()
         self.seed = cfg.seed
-        seed_everything(self.seed + self.dist.rank)
+        seed_everything(self.seed + self.parallel.dp_rank)
         logger.info(
-            "trainer=%s world_size=%d device=%s accumulation=%d total_batch_size=%d",
+            "trainer=%s world_size=%d sp_size=%d device=%s accumulation=%d total_batch_size=%d",
             cfg.trainer,
             self.dist.world_size,
+            cfg.sp_size,
             self.device,
             self.accum,
             cfg.total_batch_size,
@@ -343,6 +348,7 @@ class Trainer:
         lora = lora_spec(cfg, role) if trainable else None
         with torch.device("meta"):
             wrapper = dit_structure(cfg, role, gan_head)
+            enable_sequence_parallel(wrapper.model, self.parallel, f"{role}_model")  # checks the heads
             if lora is not None:  # adapters live inside the blocks, so FSDP2 shards them with their block
                 add_lora(wrapper.model, lora)
         full_sd, error = None, None
@@ -385,8 +391,8 @@ class Trainer:
         raise_user_error_everywhere(error)
         self.sampler = StatefulDistributedSampler(
             len(self.dataset),
-            self.dist.rank,
-            self.dist.world_size,
+            self.parallel.dp_rank,
+            self.parallel.dp_size,
             shuffle=True,
             seed=self.seed,
             drop_last=True,
@@ -466,7 +472,7 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         for micro in range(self.accum):
             batch = self._next_batch()
-            global_index = micro * self.dist.world_size + self.dist.rank
+            global_index = micro * self.parallel.dp_size + self.parallel.dp_rank
             seed_torch_rng(micro_seed(self.seed, step, role, global_index), self.device)
             set_gradient_sync([module], micro == self.accum - 1)
             loss, metrics = loss_fn(batch, shared)
@@ -666,7 +672,7 @@ class Trainer:
         # Release everything that holds the device mesh before the process group goes (see
         # utils.distributed.cleanup); the Trainer object itself may outlive this call.
         for name in ("objective", "generator", "real_score", "critic", "text_encoder", "vae", "emas",
-                     "optimizers", "warmup_optimizer", "lr_schedulers", "head_params", "mesh", "checkpointer"):  # fmt: skip
+                     "optimizers", "warmup_optimizer", "lr_schedulers", "head_params", "mesh", "checkpointer", "parallel"):  # fmt: skip
             self.__dict__.pop(name, None)
         cleanup(synchronize=ok)
 

@@ -5,6 +5,8 @@
     python scripts/benchmark.py --geometry wan2.1-t2v-1.3b --dtype bf16              # on a GPU
     python scripts/benchmark.py --geometry wan2.1-t2v-1.3b --frames 3 --latent 30 52  # CPU smoke run
     python scripts/benchmark.py --config configs/world/base.yaml data_path=runs/world/data/clips --threads 1
+    python scripts/benchmark.py --geometry large --sp 2                # sequence parallel, 2 processes
+    torchrun --nproc_per_node 8 scripts/benchmark.py --geometry wan2.1-t2v-1.3b --dtype bf16 --sp 8  # 8 GPUs
 
 With `--config` (any training config, `key=value` overrides after it) it times train.py's real step
 against a bare PyTorch loop over the same networks and prints both medians and their ratio (see
@@ -36,6 +38,13 @@ Peak memory: on CUDA `max_memory_allocated` over the timed repeats; on CPU the p
 subprocess by default (`--no-isolate` to turn off), so heap that an earlier row freed but the
 allocator kept does not count against a later row. `base` is the memory held when the row starts
 (weights, inputs, caches, and the interpreter on CPU).
+
+Sequence parallelism (`--sp N`): every DiT splits its tokens over N processes (Ulysses, `sp_size`);
+without torchrun the script starts them itself (`torch.distributed.run`, one launch per row when
+isolated). Times are rank 0's (the all-to-alls keep the ranks in step), FLOPs and GFLOP/s are per rank,
+and peak/base memory are the largest over the ranks, each rank's peak listed in the note. As at
+`--sp 1`, nothing reduces gradients between ranks (no FSDP here): the rows time the DiT work and its
+all-to-alls.
 """
 
 from __future__ import annotations
@@ -218,10 +227,15 @@ def _randomise_head(model: torch.nn.Module) -> None:
     torch.nn.init.normal_(model.head.head.weight, std=0.02)
 
 
+# The sequence-parallel group of this process (`--sp N` under torchrun), given to every DiT built.
+SP_COMM: list = [None]
+
+
 def _causal(geom: Geometry, dtype: torch.dtype, device: torch.device) -> WanDiffusionWrapper:
     with torch.device(device):
         model = CausalWanModel(geom.wan, num_frame_per_block=geom.num_frame_per_block)
     _randomise_head(model)
+    model.enable_sequence_parallel(SP_COMM[0])
     return WanDiffusionWrapper(model.to(dtype), FlowMatchScheduler(shift=5.0))
 
 
@@ -229,6 +243,7 @@ def _bidirectional(geom: Geometry, dtype: torch.dtype, device: torch.device) -> 
     with torch.device(device):
         model = WanModel(geom.wan)
     _randomise_head(model)
+    model.enable_sequence_parallel(SP_COMM[0])
     return WanDiffusionWrapper(model.to(dtype), FlowMatchScheduler(shift=5.0))
 
 
@@ -419,7 +434,7 @@ def measure_row(name: str, geom: Geometry, dtype, device, warmup: int, repeats: 
         _sync(device)
         times.append(time.perf_counter() - start) if items is None else times.extend(items)
     med = statistics.median(times)
-    return {
+    result = {
         "row": name,
         "median_s": med,
         "min_s": min(times),
@@ -431,6 +446,20 @@ def measure_row(name: str, geom: Geometry, dtype, device, warmup: int, repeats: 
         "base_mem_mb": base,
         "note": bench.note,
     }
+    return _across_ranks(result) if SP_COMM[0] is not None else result
+
+
+def _across_ranks(result: dict[str, Any]) -> dict[str, Any]:
+    """Sequence parallel: rank 0's times and FLOPs, the largest peak/base memory, every rank's peak."""
+    import torch.distributed as dist
+
+    mems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(mems, (result["peak_mem_mb"], result["base_mem_mb"]))
+    peaks = [p for p, _ in mems]
+    result["peak_mem_mb"], result["base_mem_mb"] = max(peaks), max(b for _, b in mems)
+    result["peak_mem_mb_per_rank"] = peaks
+    result["note"] += f"; per-rank peak MiB {'/'.join(f'{p:.0f}' for p in peaks)}"
+    return result
 
 
 def derived_rows(rows: list[dict[str, Any]], ratio: int) -> list[dict[str, Any]]:
@@ -484,6 +513,7 @@ def header(args: argparse.Namespace, geom: Geometry, device: torch.device, peak:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "isolated_rows": args.isolate,
+        "sp": args.sp,
     }
 
 
@@ -493,6 +523,7 @@ def print_table(meta: dict[str, Any], rows: list[dict[str, Any]], old: dict[str,
         f"geometry={meta['geometry']} dim={meta['dim']} ffn={meta['ffn_dim']} heads={meta['num_heads']} "
         f"layers={meta['num_layers']} frames={meta['frames']} latent={meta['latent_hw'][0]}x"
         f"{meta['latent_hw'][1]} tokens={meta['tokens']} text={meta['text_len']}x{meta['text_dim']}"
+        + (f" sp={meta['sp']} (GFLOP per rank, peak MiB the largest rank's)" if meta.get("sp", 1) > 1 else "")
     )
     print(
         f"device={meta['device']} dtype={meta['dtype']} threads={meta['threads']} torch={meta['torch']} "
@@ -552,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run each row in a fresh subprocess (default: on for CPU, where peak RSS needs it)",
     )
     p.add_argument(
+        "--sp", type=int, default=1, help="sequence-parallel processes per DiT (torchrun or started here)"
+    )
+    p.add_argument(
         "--config", type=Path, default=None, help="a training config: trainer step vs bare loop (no rows)"
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides of --config")
@@ -564,6 +598,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown row(s) {bad}; choose from {','.join(ROWS)}")
     args.rows = rows
+    heads = GEOMETRIES[args.geometry].wan.num_heads
+    if args.sp < 1 or heads % args.sp:
+        p.error(f"--sp {args.sp} must be >= 1 and divide the geometry's {heads} heads")
     if args.isolate is None:
         args.isolate = torch.device(args.device).type == "cpu"
     big_on_cpu = args.geometry == "wan2.1-t2v-1.3b" and torch.device(args.device).type == "cpu"
@@ -574,18 +611,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _run_isolated(row: str, argv: list[str]) -> dict[str, Any]:
-    """Run one row in a fresh interpreter and return its result."""
+def _launcher(sp: int) -> list[str]:
+    """The interpreter command that runs this script: `sp` processes under torchrun when sp > 1."""
+    if sp == 1:
+        return [sys.executable, str(Path(__file__).resolve())]
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(sp)]
+    return [*run, "--master_addr", "127.0.0.1", "--master_port", str(port), str(Path(__file__).resolve())]
+
+
+def _run_isolated(row: str, argv: list[str], sp: int) -> dict[str, Any]:
+    """Run one row in a fresh interpreter (`sp` of them under torchrun) and return its result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--rows", row, "--no-isolate"]
+        cmd = [*_launcher(sp), *argv, "--rows", row, "--no-isolate"]
         subprocess.run([*cmd, "--_child_out", str(out)], check=True)
         return json.loads(out.read_text())
+
+
+def _join_sp_group(sp: int) -> torch.device | None:
+    """Under torchrun: one sequence-parallel group of all `sp` processes; returns this rank's device."""
+    from utils.distributed import init_distributed
+    from utils.sequence_parallel import init_sequence_parallel
+
+    info = init_distributed()
+    if info.world_size != sp:
+        raise SystemExit(f"--sp {sp} needs exactly {sp} processes, torchrun started {info.world_size}")
+    SP_COMM[0] = init_sequence_parallel(sp, info).comm
+    return info.device
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    try:
+        return _main(args, argv)
+    finally:
+        if SP_COMM[0] is not None:  # leave the process group cleanly (gloo aborts at exit otherwise)
+            from utils.distributed import cleanup
+
+            SP_COMM[0] = None
+            cleanup()
+
+
+def _main(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     if args.config is not None:
         from scripts._step_benchmark import main as step_benchmark
@@ -594,9 +667,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return [{"row": name, **row} for name, row in result["rows"].items()]
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     geom = geometry_from_args(args)
+    launched = "WORLD_SIZE" in os.environ
+    if args.sp > 1 and not launched and not args.isolate:  # the whole table under torchrun
+        subprocess.run([*_launcher(args.sp), *argv], check=True)
+        return json.loads(args.json.read_text())["rows"] if args.json else []
+    if args.sp > 1 and launched:
+        device = _join_sp_group(args.sp)
+    rank0 = not launched or int(os.environ["RANK"]) == 0
     if args._child_out is not None:  # one isolated row: measure, write, no table
         result = measure_row(args.rows[0], geom, dtype, device, args.warmup, args.repeats)
-        args._child_out.write_text(json.dumps(result))
+        if rank0:
+            args._child_out.write_text(json.dumps(result))
         return [result]
     peak = matmul_peak(device, dtype)
     meta = header(args, geom, device, peak)
@@ -605,10 +686,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for row in args.rows:
         if args.isolate:
-            rows.append(_run_isolated(row, child_argv))
+            rows.append(_run_isolated(row, child_argv, args.sp))
         else:
             rows.append(measure_row(row, geom, dtype, device, args.warmup, args.repeats))
     rows += derived_rows(rows, _recipe(geom).dfake_gen_update_ratio)
+    if not rank0:
+        return rows
     old = json.loads(args.compare.read_text()) if args.compare else None
     print_table(meta, rows, old)
     if args.json is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -65,21 +66,30 @@ def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeo
     return proc.stdout + proc.stderr
 
 
-def kill_after_checkpoint(config: str, logdir: Path, overrides: list[str], step: int) -> Path:
-    """Start a run and kill -9 it as soon as the checkpoint of `step` is complete on disk; returns
-    that checkpoint's COMPLETE marker (which the caller checks exists)."""
+def kill_after_checkpoint(
+    config: str, logdir: Path, overrides: list[str], step: int, nproc: int = 1, wait_s: float = 180
+) -> Path:
+    """Start a run (under torchrun with `nproc` > 1) and kill -9 it as soon as the checkpoint of `step`
+    is complete on disk; returns that checkpoint's COMPLETE marker (which the caller checks exists).
+
+    The run gets its own session and the whole session is killed, as a lost node loses every
+    process: torchrun's workers would outlive a kill of the launcher alone."""
     proc = subprocess.Popen(
-        _cmd(config, logdir, overrides),
+        _cmd(config, logdir, overrides, nproc),
         env=subprocess_env(),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     marker = logdir / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
-    deadline = time.time() + 180
+    deadline = time.time() + wait_s
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the run had already ended (the caller's checks will say so)
+        pass
     proc.wait()
     return marker
 

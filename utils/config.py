@@ -84,7 +84,7 @@ class TrainConfig:
 
     # --- batch -----------------------------------------------------------------------------------
     batch_size: int = 1  # samples per rank per micro-batch
-    total_batch_size: int | None = None  # global batch = batch_size x world_size x accumulation
+    total_batch_size: int | None = None  # global batch = batch_size x (world_size / sp_size) x accumulation
     gradient_accumulation_steps: int | None = None  # micro-batches per optimiser step (derived if None)
 
     # --- data ------------------------------------------------------------------------------------
@@ -174,6 +174,9 @@ class TrainConfig:
     # --- systems ---------------------------------------------------------------------------------
     mixed_precision: bool = True  # bf16 parameters/compute, fp32 master weights and reductions
     sharding_strategy: str = "full"  # FSDP2 layout: full | hybrid (= hybrid_full) | hybrid_zero2 | none
+    # Ulysses sequence parallelism: groups of sp_size consecutive ranks share each video, every rank holds
+    # 1/sp_size of its DiT tokens (world_size = dp x sp_size; heads must divide). 1 = off
+    sp_size: int = 1
     gradient_checkpointing: bool = True  # per-block activation checkpointing (alias activation_checkpointing)
     text_encoder_cpu_offload: bool = False  # keep the sharded text encoder's parameters on the CPU
     compile: bool = False  # torch.compile each transformer block
@@ -300,8 +303,10 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def resolve_accumulation(cfg: TrainConfig, world_size: int) -> int:
     """Fix the gradient-accumulation count so `total_batch_size = batch_size * world_size * accum`.
 
-    Either key may be given (the other is derived) or both (they must agree); with neither,
-    accumulation is 1. Writes both resolved values back into `cfg` and returns the count.
+    `world_size` counts data-parallel replicas: the number of processes divided by `sp_size` (the
+    ranks of a sequence-parallel group share one batch). Either key may be given (the other is
+    derived) or both (they must agree); with neither, accumulation is 1. Writes both resolved values
+    back into `cfg` and returns the count.
     """
     per_step = cfg.batch_size * world_size
     accum = cfg.gradient_accumulation_steps
@@ -357,6 +362,7 @@ def validate_config(cfg: TrainConfig) -> None:
         "dfake_gen_update_ratio": cfg.dfake_gen_update_ratio,
         "num_train_timestep": cfg.num_train_timestep,
         "gc_interval": cfg.gc_interval,
+        "sp_size": cfg.sp_size,
     }
     for key, value in positive.items():
         if value < 1:

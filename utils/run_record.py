@@ -49,6 +49,7 @@ CHANGEABLE_KEYS = frozenset(
         "total_batch_size",  # a resume at another world size re-derives these two
         "gradient_accumulation_steps",
         "sharding_strategy",  # DCP reshards checkpoints
+        "sp_size",  # sequence parallelism changes where tokens live, not what is computed
         "gradient_checkpointing",
         "gradient_checkpointing_offload",  # same gradients, less memory
         "sample_ema_weight",  # which EMA the sample videos use

@@ -106,6 +106,7 @@ class KVCache:
                 raise ValueError("sink_size needs a rolling window (local_attn_size != -1)")
             capacity = max_frames
         self.tokens_per_frame = tokens_per_frame
+        self.num_heads = num_heads
         self.capacity_frames = capacity
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
@@ -131,13 +132,17 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> KVCache:
-        """Allocate a cache sized from a `CausalWanModel`'s config and attention window."""
+        """Allocate a cache sized from a `CausalWanModel`'s config and attention window.
+
+        Under sequence parallelism each rank caches the whole sequence for its `num_heads / sp` heads
+        (the keys/values its attention reads after the Ulysses all-to-all), `1/sp` of the cache."""
         cfg = model.config
+        sp = model.sequence_parallel
         return cls(
             cfg.num_layers,
             batch_size,
             cfg.tokens_per_frame(*latent_hw),
-            cfg.num_heads,
+            cfg.num_heads // (sp.size if sp is not None else 1),
             cfg.head_dim,
             max_frames,
             model.local_attn_size,

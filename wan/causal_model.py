@@ -129,13 +129,20 @@ class CausalWanModel(WanBackbone):
             )
         e, e0 = self.embed_time(t, context)
         text = self.embed_text(context)
+        shards = self.token_shards(tokens.shape[1] // tpf, tpf)  # None without sequence parallelism
+        if shards is not None:
+            tokens = shards.shard(tokens)
         # 2. blocks
         for i in range(len(self.blocks)):
-            tokens = self.run_block(i, tokens, e0, text, rope, mask=mask)
+            tokens = self.run_block(i, tokens, e0, text, rope, mask=mask, shards=shards)
         # 3. head on the noisy half only
         if clean_x is not None:
-            tokens, e = tokens[:, frames * tpf :], e[:, frames:]
-        return self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)
+            local_tpf = tpf if shards is None else shards.local_tokens_per_frame
+            tokens, e = tokens[:, frames * local_tpf :], e[:, frames:]
+        out = self.head(tokens, e)
+        if shards is not None:  # every rank gets the prediction for every token of the `frames` frames
+            out = self.token_shards(frames, tpf).gather(out)
+        return self.as_flow(self.unpatchify(out, grid), x, t_frames)
 
     # ------------------------------------------------------------------ inference path
     def _forward_inference(self, x, t, context, kv_cache, crossattn_cache, start_frame: int) -> torch.Tensor:
@@ -146,10 +153,19 @@ class CausalWanModel(WanBackbone):
             raise ValueError(
                 f"KV cache was sized for {kv_cache.tokens_per_frame} tokens per frame, input has {grid[1] * grid[2]}"
             )
+        heads = self.config.num_heads // (self.sequence_parallel.size if self.sequence_parallel else 1)
+        if kv_cache.num_heads != heads:
+            raise ValueError(
+                f"KV cache holds {kv_cache.num_heads} heads, this model attends with {heads} per rank "
+                "(allocate it with KVCache.for_model after enable_sequence_parallel)"
+            )
         t_frames = frame_timesteps(torch.as_tensor(t, device=x.device), b, f)
         t = t_frames[:, :: self.config.patch_size[0]]
         e, e0 = self.embed_time(t, context)
         rope = Rope.for_grid(self.config, grid, start_frame, x.device, tokens.dtype)
+        shards = self.token_shards(frames, grid[1] * grid[2])  # None without sequence parallelism
+        if shards is not None:
+            tokens = shards.shard(tokens)
         # Text K/V: reuse the cache in no-grad calls; differentiable calls recompute so that gradients
         # reach the text path (text_embedding and the cross-attention k/v projections).
         grad = torch.is_grad_enabled()
@@ -158,5 +174,8 @@ class CausalWanModel(WanBackbone):
         for i in range(len(self.blocks)):
             text_i = crossattn_cache.slot(i, text) if use_xcache else text
             hook = kv_cache.layers[i].hook(start_frame, frames)
-            tokens = self.run_block(i, tokens, e0, text_i, rope, kv_hook=hook)
-        return self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)
+            tokens = self.run_block(i, tokens, e0, text_i, rope, kv_hook=hook, shards=shards)
+        out = self.head(tokens, e)
+        if shards is not None:
+            out = shards.gather(out)
+        return self.as_flow(self.unpatchify(out, grid), x, t_frames)

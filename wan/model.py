@@ -32,7 +32,8 @@ class WanModel(WanBackbone):
             x: latents `[B, C, F, H, W]`.
             t: timesteps on the 0..1000 scale, `[B]` (one per sample) or `[B, F]` (one per latent frame).
             context: text embeddings `[B, L, text_dim]`, L <= text_len (zero-padded here).
-            hidden_states_at: block indices after which to also return the hidden tokens `[B, L, dim]`.
+            hidden_states_at: block indices after which to also return the hidden tokens `[B, L, dim]`
+                (all L tokens, also under sequence parallelism).
         Returns:
             flow prediction `[B, C, F, H, W]` (and the requested hidden states).
         """
@@ -45,12 +46,18 @@ class WanModel(WanBackbone):
         e, e0 = self.embed_time(t, context)
         text = self.embed_text(context)
         rope = Rope.for_grid(self.config, grid, 0, x.device, tokens.dtype)
+        shards = self.token_shards(grid[0], grid[1] * grid[2])  # None without sequence parallelism
+        if shards is not None:
+            tokens = shards.shard(tokens)
         # 2. blocks
         hidden = []
         for i in range(len(self.blocks)):
-            tokens = self.run_block(i, tokens, e0, text, rope)
+            tokens = self.run_block(i, tokens, e0, text, rope, shards=shards)
             if i in hidden_states_at:
-                hidden.append(tokens)
+                hidden.append(tokens if shards is None else shards.gather(tokens))
         # 3. head and unpatchify
-        out = self.as_flow(self.unpatchify(self.head(tokens, e), grid), x, t_frames)
+        out = self.head(tokens, e)
+        if shards is not None:
+            out = shards.gather(out)
+        out = self.as_flow(self.unpatchify(out, grid), x, t_frames)
         return (out, hidden) if hidden_states_at else out

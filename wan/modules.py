@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import WanConfig
+from .sequence_parallel import SequenceComm, TokenShards, check_heads
 
 # Wan's RoPE base (spec §1.4).
 ROPE_THETA = 10000.0
@@ -179,14 +180,28 @@ class WanSelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: Rope, mask=None, kv_hook: KVHook | None = None) -> torch.Tensor:
-        """x: `[B, L, dim]` -> `[B, L, dim]`."""
-        q = rope.apply(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)))
-        k = rope.apply(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        mask=None,
+        kv_hook: KVHook | None = None,
+        shards: TokenShards | None = None,
+    ) -> torch.Tensor:
+        """x: `[B, L, dim]` -> `[B, L, dim]` (with `shards`, L is this rank's token shard)."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        if shards is not None:  # Ulysses: token shard, all heads -> whole sequence, this rank's heads
+            q, k, v = shards.to_heads(q, k, v)
+        # RoPE, the KV cache and the mask see whole-sequence positions either way.
+        q, k = rope.apply(q), rope.apply(k)
         if kv_hook is not None:
             k, v = kv_hook(k, v)
-        return self.o(attention(q, k, v, mask).flatten(-2))
+        out = attention(q, k, v, mask)
+        if shards is not None:
+            out = shards.to_tokens(out)
+        return self.o(out.flatten(-2))
 
 
 class WanCrossAttention(WanSelfAttention):
@@ -230,6 +245,7 @@ class WanAttentionBlock(nn.Module):
         rope: Rope,
         mask=None,
         kv_hook: KVHook | None = None,
+        shards: TokenShards | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -237,6 +253,8 @@ class WanAttentionBlock(nn.Module):
             e0: `[B, Fm, 6, dim]` per-frame modulation (Fm = 1 broadcasts over all tokens).
             text_kv: the embedded context `[B, Lt, dim]` to project here, its keys/values, or a
                 `TextKVSlot` of a cross-attention cache (read, or filled on first use).
+            shards: sequence parallelism: x is this rank's shard (`wan.sequence_parallel`); only
+                self-attention communicates, everything else here is token-local.
         """
         b, length, dim = x.shape
         fm = e0.shape[1]
@@ -251,7 +269,9 @@ class WanAttentionBlock(nn.Module):
             return (res.float() + hv.view(b, length, dim)).type_as(res)
 
         # 1. self-attention with shift/scale/gate a0/a1/a2
-        h = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), rope, mask=mask, kv_hook=kv_hook)
+        h = self.self_attn(
+            modulate(self.norm1(x), mod[0], mod[1]), rope, mask=mask, kv_hook=kv_hook, shards=shards
+        )
         x = gated(x, h, mod[2])
         # 2. cross-attention (no modulation, no gate); K/V computed here, where FSDP gathered the weights
         if isinstance(text_kv, torch.Tensor):
@@ -383,6 +403,7 @@ class WanBackbone(nn.Module):
         self.pos_embedding = PositionEmbedding(cfg) if cfg.pos_embed_frames > 0 else None
         self.gradient_checkpointing = False
         self.gradient_checkpointing_offload = False
+        self.sequence_parallel: SequenceComm | None = None
         self.init_weights()
 
     # -- initialisation (spec §1.6; only matters when training from scratch or in tests) --
@@ -423,6 +444,19 @@ class WanBackbone(nn.Module):
         backward wait in (pinned) CPU memory instead (DiffSynth's gradient_checkpointing_offload)."""
         self.gradient_checkpointing = enabled
         self.gradient_checkpointing_offload = enabled and offload
+
+    def enable_sequence_parallel(self, comm: SequenceComm | None) -> None:
+        """Split every forward's video tokens over `comm`'s ranks (Ulysses, `wan.sequence_parallel`);
+        None turns it off. The ranks of the group must call the model together, with the same inputs."""
+        if comm is not None:
+            check_heads(self.config.num_heads, comm.size)
+        self.sequence_parallel = comm if comm is not None and comm.size > 1 else None
+
+    def token_shards(self, frames: int, tokens_per_frame: int) -> TokenShards | None:
+        """This forward's token split over the sequence-parallel group, or None without one."""
+        if self.sequence_parallel is None:
+            return None
+        return TokenShards(self.sequence_parallel, frames, tokens_per_frame)
 
     # -- pieces used by both models --
     def embed_video(self, x: torch.Tensor, start_frame: int = 0) -> tuple[torch.Tensor, tuple[int, int, int]]:
