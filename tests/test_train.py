@@ -66,14 +66,35 @@ def train(config: str, logdir: Path, overrides: list[str], nproc: int = 1, timeo
     return proc.stdout + proc.stderr
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every living process below `pid` (Linux /proc): torchrun starts each worker in a session of its
+    own, so killing the launcher's process group would leave the workers running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4; the name in (...) may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_after_checkpoint(
     config: str, logdir: Path, overrides: list[str], step: int, nproc: int = 1, wait_s: float = 180
 ) -> Path:
     """Start a run (under torchrun with `nproc` > 1) and kill -9 it as soon as the checkpoint of `step`
     is complete on disk; returns that checkpoint's COMPLETE marker (which the caller checks exists).
 
-    The run gets its own session and the whole session is killed, as a lost node loses every
-    process: torchrun's workers would outlive a kill of the launcher alone."""
+    Every process of the run (the launcher and all its descendants, whatever session they are in) is
+    killed at once, as a lost node loses every process."""
     proc = subprocess.Popen(
         _cmd(config, logdir, overrides, nproc),
         env=subprocess_env(),
@@ -86,10 +107,11 @@ def kill_after_checkpoint(
     deadline = time.time() + wait_s
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the run had already ended (the caller's checks will say so)
-        pass
+    for pid in (*_descendants(proc.pid), proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # already ended (the caller's checks will say whether too early)
+            pass
     proc.wait()
     return marker
 

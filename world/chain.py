@@ -84,12 +84,12 @@ PROFILES = {
         eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8,
     ),
     "quick": Profile(
-        "quick", base_steps=800, pairs_per_prompt=8, ode_steps=500, distill_steps=300,
+        "quick", base_steps=760, pairs_per_prompt=8, ode_steps=300, distill_steps=250,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing"),
         eval_samples=12, eval_train_prompts=8, long_samples=4,
     ),
     "full": Profile(
-        "full", base_steps=2000, pairs_per_prompt=38, ode_steps=1200, distill_steps=1000,
+        "full", base_steps=2000, pairs_per_prompt=38, ode_steps=1000, distill_steps=800,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
         eval_samples=16, eval_train_prompts=8, long_samples=6,
     ),
