@@ -45,7 +45,14 @@ from model.build import (
     set_trainable,
 )
 from utils.checkpoint import Checkpointer, ModelState, OptimizerState, ScalarState
-from utils.config import TrainConfig, config_to_dict, ema_rates, load_config, resolve_accumulation
+from utils.config import (
+    TrainConfig,
+    config_to_dict,
+    ema_rates,
+    load_config,
+    lr_decay_horizon,
+    resolve_accumulation,
+)
 from utils.dataset import (
     LatentLMDBDataset,
     ODERegressionLMDBDataset,
@@ -75,7 +82,14 @@ from utils.errors import UserError, exit_code_of
 from utils.host_memory import keep_freed_host_memory
 from utils.logging import MetricsLogger, WandbSettings, setup_logging
 from utils.lora import add_lora
-from utils.optim import apply_base_lrs, build_optimizer, build_scheduler, clip_grad_norm
+from utils.optim import (
+    apply_base_lrs,
+    apply_schedule,
+    build_optimizer,
+    build_scheduler,
+    clip_grad_norm,
+    schedule_settings,
+)
 from utils.run_record import OVERRIDE_FLAG, check_resume_config, saved_run_config, write_config
 from utils.sequence_parallel import ParallelDims, enable_sequence_parallel, init_sequence_parallel
 from wan import WanDiffusionWrapper
@@ -258,7 +272,7 @@ class Trainer:
         """Warm-up, then constant or a linear/cosine decay to lr_min (generator) / lr_min_critic."""
         cfg = self.cfg
         peak, low = (cfg.lr, cfg.lr_min) if role == "generator" else (cfg.lr_critic, cfg.lr_min_critic)
-        decay_steps = cfg.lr_decay_steps or max(1, cfg.max_steps - cfg.lr_warmup_steps)
+        decay_steps = lr_decay_horizon(cfg.lr_decay_steps, cfg.max_steps, cfg.lr_warmup_steps)
         return build_scheduler(
             optimizer, cfg.lr_warmup_steps, cfg.lr_schedule, decay_steps, low / peak if peak > 0 else 1.0
         )
@@ -301,9 +315,14 @@ class Trainer:
                 name: [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
                 for name, opt in self._optimizers_by_name()
             }
+            # The schedules as this config builds them (a changed decay horizon passed the run-record
+            # check only with the override flag): the load brings back the saved run's.
+            schedules = {name: schedule_settings(s) for name, s in self.lr_schedulers.items()}
             step = self.checkpointer.load_latest(self._checkpoint_state())
             for name, opt in self._optimizers_by_name():
                 apply_base_lrs(opt, self.lr_schedulers.get(name), base_lrs[name])
+            for name, scheduler in self.lr_schedulers.items():
+                apply_schedule(scheduler, schedules[name])
             if step is not None:
                 logger.info("resumed from step %d", step)
         self.metrics.truncate_after(step or 0)

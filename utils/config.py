@@ -436,6 +436,11 @@ def ema_rates(cfg: TrainConfig) -> tuple[float, ...]:
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
+def lr_decay_horizon(lr_decay_steps: int | None, max_steps: int, lr_warmup_steps: int) -> int:
+    """Optimizer steps a linear/cosine LR decay spans: `lr_decay_steps`, else the steps after the warm-up."""
+    return int(lr_decay_steps or max(1, max_steps - lr_warmup_steps))
+
+
 def _validate_lr_schedule(cfg: TrainConfig) -> None:
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ConfigError(
