@@ -81,7 +81,7 @@ from utils.media import (
 from utils.sequence_parallel import enable_sequence_parallel, init_sequence_parallel
 from wan.lora_weights import read_lora
 from wan.toy import toy_dit_state_dict
-from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
+from wan.weights import WeightLoadError, load_dit_weights, read_dit_weights, strip_wrapper_prefixes
 
 logger = logging.getLogger("inference")
 
@@ -110,6 +110,20 @@ def load_generator_weights(
         spec = lora_spec(dataclasses.replace(cfg, lora_base_model="generator"), "generator")
         return merge_lora(base, LoraWeights(adapters, alpha=spec.alpha, rank=spec.rank))
     return read_dit_weights(path, key="generator_ema" if use_ema is not False else "generator")
+
+
+def load_generator(
+    model: torch.nn.Module, cfg: TrainConfig, checkpoint: str | None, use_ema: bool | float
+) -> None:
+    """`load_generator_weights` into `model`; a file that cannot be read or does not fit is one
+    `UserError` naming `--checkpoint` (a traceback is for bugs, not for a wrong path)."""
+    try:
+        load_dit_weights(model, load_generator_weights(cfg, checkpoint, use_ema))
+    except (WeightLoadError, OSError) as err:
+        message = str(err) if not isinstance(err, OSError) or err.strerror is None else f"{err.strerror}"
+        if checkpoint is not None and not message.startswith(checkpoint):
+            message = f"{checkpoint}: {message}"
+        raise UserError(f"--checkpoint {message}") from err
 
 
 def apply_lora(generator: torch.nn.Module, path: str, scale: float, merge: bool) -> None:
@@ -467,7 +481,7 @@ def run(args: argparse.Namespace) -> None:
         height, width = h * vae.spatial_compression, w * vae.spatial_compression
         check_contexts(jobs, mine, layout, height, width)
         generator = make_dit(cfg, "generator")
-        load_dit_weights(generator.model, load_generator_weights(cfg, args.checkpoint, args.use_ema))
+        load_generator(generator.model, cfg, args.checkpoint, args.use_ema)
         if args.lora is not None:
             apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
