@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
-from model.build import build_text_encoder, build_vae, lora_spec, make_dit, step_list
-from pipeline import CausalInferencePipeline
+from model.build import build_text_encoder, build_vae, lora_spec, make_dit
 from pipeline.common import plan_blocks
+from pipeline.from_config import inference_pipeline
 from utils.checkpoint import read_run_model, select_ema_entry
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
@@ -487,16 +487,7 @@ def run(args: argparse.Namespace) -> None:
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
         enable_sequence_parallel(generator.model, parallel, "generator_model")
         text_encoder = build_text_encoder(cfg, info.device, dtype).to(dtype)
-        pipe = CausalInferencePipeline(
-            generator,
-            generator.scheduler,
-            [s for s in step_list(cfg) if s > 0],
-            cfg.num_frame_per_block,
-            independent_first_frame=cfg.independent_first_frame,
-            context_noise=cfg.context_noise,
-            vae=vae,
-            num_max_frames=layout.total_frames,
-        )
+        pipe = inference_pipeline(cfg, generator, vae, num_max_frames=layout.total_frames)
 
         def make_one(idx: int, k: int) -> dict:
             # noise depends on (seed, prompt, sample) only: the same video at any world size

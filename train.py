@@ -35,12 +35,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from model.build import (
     NEEDS,
     build_dit,
-    build_exact_teacher,
     build_objective_from_config,
     build_text_encoder,
     build_vae,
     dit_structure,
-    is_world,
+    fixed_real_score,
     lora_spec,
     set_trainable,
 )
@@ -159,7 +158,7 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":  # activations live in host memory: reuse it across steps
             keep_freed_host_memory()
-        # world = dp x sp: the ranks of a sequence-parallel group share batches and noise, so data,
+        # world_size = dp x sp: the ranks of a sequence-parallel group share batches and noise, so data,
         # seeds and accumulation count data-parallel replicas (`dp`), not processes.
         self.parallel: ParallelDims = init_sequence_parallel(cfg.sp_size, self.dist)
         self.accum = resolve_accumulation(cfg, self.parallel.dp_size)
@@ -338,7 +337,7 @@ class Trainer:
         like the DiTs (one unit per umT5 block), optionally with its parameters kept on the CPU."""
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.mixed_precision else torch.float32
-        if is_world(cfg):  # a fixed seeded table: every rank builds the same one, nothing to shard
+        if cfg.text_encoder is not None:  # a component: every rank builds its own, nothing to shard
             return build_text_encoder(cfg, self.device, dtype)
         with torch.device("meta"):
             encoder = build_text_encoder(cfg, torch.device("meta"), dtype, structure_only=True)
@@ -362,8 +361,10 @@ class Trainer:
 
     def _build_dit(self, role: str, trainable: bool, gan_head: bool = False) -> WanDiffusionWrapper:
         cfg = self.cfg
-        if role == "real_score" and cfg.real_score_model == "world-exact":
-            return build_exact_teacher(cfg, self.device)  # closed form: no weights, nothing to shard
+        if role == "real_score":
+            fixed = fixed_real_score(cfg, self.device)
+            if fixed is not None:  # e.g. closed form: no weights, nothing to shard
+                return fixed
         lora = lora_spec(cfg, role) if trainable else None
         with torch.device("meta"):
             wrapper = dit_structure(cfg, role, gan_head)
@@ -642,21 +643,10 @@ class Trainer:
     @torch.no_grad()
     def _log_samples(self) -> None:
         """Generate a few videos with the current (EMA when active) generator; every rank takes part."""
-        from model.build import step_list
-        from pipeline import CausalInferencePipeline
+        from pipeline.from_config import inference_pipeline
 
         cfg = self.cfg
-        steps = [s for s in step_list(cfg) if s > 0]
-        pipe = CausalInferencePipeline(
-            self.generator,
-            self.generator.scheduler,
-            steps,
-            cfg.num_frame_per_block,
-            independent_first_frame=cfg.independent_first_frame,
-            context_noise=cfg.context_noise,
-            vae=self.vae,
-            num_max_frames=cfg.image_or_video_shape[1],
-        )
+        pipe = inference_pipeline(cfg, self.generator, self.vae, num_max_frames=cfg.image_or_video_shape[1])
         items = [self.dataset[i] for i in range(min(2, len(self.dataset)))]
         prompts = [item["prompts"] for item in items]
         cond = {
