@@ -51,9 +51,9 @@ from pathlib import Path
 
 import torch
 
-from model.build import build_text_encoder, build_vae, lora_spec, make_dit, step_list
-from pipeline import CausalInferencePipeline
+from model.build import build_text_encoder, build_vae, lora_spec, make_dit
 from pipeline.common import plan_blocks
+from pipeline.from_config import inference_pipeline
 from utils.checkpoint import read_run_model, select_ema_entry
 from utils.config import TrainConfig, load_config
 from utils.dataset import TextDataset, shard_indices
@@ -81,7 +81,7 @@ from utils.media import (
 from utils.sequence_parallel import enable_sequence_parallel, init_sequence_parallel
 from wan.lora_weights import read_lora
 from wan.toy import toy_dit_state_dict
-from wan.weights import load_dit_weights, read_dit_weights, strip_wrapper_prefixes
+from wan.weights import WeightLoadError, load_dit_weights, read_dit_weights, strip_wrapper_prefixes
 
 logger = logging.getLogger("inference")
 
@@ -110,6 +110,20 @@ def load_generator_weights(
         spec = lora_spec(dataclasses.replace(cfg, lora_base_model="generator"), "generator")
         return merge_lora(base, LoraWeights(adapters, alpha=spec.alpha, rank=spec.rank))
     return read_dit_weights(path, key="generator_ema" if use_ema is not False else "generator")
+
+
+def load_generator(
+    model: torch.nn.Module, cfg: TrainConfig, checkpoint: str | None, use_ema: bool | float
+) -> None:
+    """`load_generator_weights` into `model`; a file that cannot be read or does not fit is one
+    `UserError` naming `--checkpoint` (a traceback is for bugs, not for a wrong path)."""
+    try:
+        load_dit_weights(model, load_generator_weights(cfg, checkpoint, use_ema))
+    except (WeightLoadError, OSError) as err:
+        message = str(err) if not isinstance(err, OSError) or err.strerror is None else f"{err.strerror}"
+        if checkpoint is not None and not message.startswith(checkpoint):
+            message = f"{checkpoint}: {message}"
+        raise UserError(f"--checkpoint {message}") from err
 
 
 def apply_lora(generator: torch.nn.Module, path: str, scale: float, merge: bool) -> None:
@@ -467,22 +481,13 @@ def run(args: argparse.Namespace) -> None:
         height, width = h * vae.spatial_compression, w * vae.spatial_compression
         check_contexts(jobs, mine, layout, height, width)
         generator = make_dit(cfg, "generator")
-        load_dit_weights(generator.model, load_generator_weights(cfg, args.checkpoint, args.use_ema))
+        load_generator(generator.model, cfg, args.checkpoint, args.use_ema)
         if args.lora is not None:
             apply_lora(generator.model, args.lora, args.lora_scale, merge=not args.lora_unmerged)
         generator = generator.to(info.device, dtype).eval().requires_grad_(False)
         enable_sequence_parallel(generator.model, parallel, "generator_model")
         text_encoder = build_text_encoder(cfg, info.device, dtype).to(dtype)
-        pipe = CausalInferencePipeline(
-            generator,
-            generator.scheduler,
-            [s for s in step_list(cfg) if s > 0],
-            cfg.num_frame_per_block,
-            independent_first_frame=cfg.independent_first_frame,
-            context_noise=cfg.context_noise,
-            vae=vae,
-            num_max_frames=layout.total_frames,
-        )
+        pipe = inference_pipeline(cfg, generator, vae, num_max_frames=layout.total_frames)
 
         def make_one(idx: int, k: int) -> dict:
             # noise depends on (seed, prompt, sample) only: the same video at any world size

@@ -3,19 +3,29 @@
 `make_*` functions build structure on the current default device (the trainer calls them under
 `torch.device("meta")`, shards, then loads); `*_weights` functions read the full state dict that
 rank 0 loads and broadcasts. Weight paths come from the config only; a tiny preset without a path
-gets seeded random weights (the toy world), any other preset without a path is an error.
+gets seeded random weights (the toy networks), any other preset without a path is an error.
+
+A role may also be a component (`{_component_: dotted.path, **kwargs}`, utils/components.py): a
+factory of a `WanConfig` (a Wan network of those sizes, built like a preset's; without a checkpoint
+it starts from its seeded initialisation), or for the real score a fixed module with the wrapper's
+interface (`fixed_real_score`). The text encoder and the VAE may be components too. What a
+component returns is checked here, before anything trains: one `ConfigError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from pipeline.from_config import step_list
+from utils.components import instantiate, is_component
 from utils.config import ConfigError, TrainConfig, lora_roles, lora_targets
 from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora, train_adapters_only
 from utils.scheduler import FlowMatchScheduler
@@ -31,13 +41,22 @@ logger = logging.getLogger(__name__)
 ROLES = ("generator", "real_score", "fake_score")
 
 
-WORLD_EXACT = "world-exact"  # real_score_model: the shapes world's exact teacher (world.teacher)
-
-
 def wan_config(cfg: TrainConfig, role: str) -> WanConfig:
-    """The role's network sizes: its preset, for the generator with `model_kwargs.wan_config` applied."""
-    preset = getattr(cfg, f"{role}_model")
-    base = WanConfig.preset("world" if preset == WORLD_EXACT else preset)
+    """The role's network sizes: its preset or its component's WanConfig, for the generator with
+    `model_kwargs.wan_config` applied."""
+    key = f"{role}_model"
+    spec = getattr(cfg, key)
+    if not is_component(spec):
+        base = WanConfig.preset(spec)
+    else:
+        base = instantiate(key, spec)
+        if not isinstance(base, WanConfig):
+            what = "a WanConfig" + (
+                " or a fixed module (see fixed_real_score)" if role == "real_score" else ""
+            )
+            raise ConfigError(
+                f"{key}: {spec['_component_']} returned a {type(base).__name__}; the {role} role needs {what}"
+            )
     changes = dict(cfg.model_kwargs.wan_config) if role == "generator" else {}
     fields = {f.name for f in dataclasses.fields(WanConfig)}
     unknown = sorted(set(changes) - fields)
@@ -51,16 +70,34 @@ def wan_config(cfg: TrainConfig, role: str) -> WanConfig:
         raise ConfigError(f"model_kwargs.wan_config {changes}: {err}") from err
 
 
-def is_world(cfg: TrainConfig) -> bool:
-    """The run lives in the shapes world (world/): its codec, text encoder and exact teacher."""
-    return cfg.generator_model == "world"
+def fixed_real_score(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The real score when `real_score_model` is a component that builds a module rather than a
+    WanConfig (e.g. a closed-form teacher: no weights, nothing to shard or train), in eval mode on
+    `device`; else None (a Wan network, built like the other roles). The module must take
+    `(noisy [B, F, C, H, W], t [B, F], context [B, L, text_dim])` and return `(flow, x0)`."""
+    spec = cfg.real_score_model
+    if not is_component(spec):
+        return None
+    built = instantiate("real_score_model", spec)
+    if isinstance(built, WanConfig):
+        return None
+    if not isinstance(built, nn.Module):
+        raise ConfigError(
+            f"real_score_model: {spec['_component_']} returned a {type(built).__name__}; the real score "
+            "needs a WanConfig or an nn.Module (noisy, t, context) -> (flow, x0)"
+        )
+    _check_call(built.forward, 3, "real_score_model", spec, "forward(noisy, t, context) -> (flow, x0)")
+    return built.to(device).eval().requires_grad_(False)
 
 
-def build_exact_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The shapes world's exact teacher (no weights: a closed-form posterior mean)."""
-    from world.teacher import ExactTeacher
-
-    return ExactTeacher(build_text_encoder(cfg, device)).to(device).eval()
+def _check_call(fn, positional: int, key: str, spec, interface: str) -> None:
+    """`fn` accepts `positional` positional arguments, else a ConfigError naming `key` and the interface."""
+    try:
+        inspect.signature(fn).bind(*range(positional))
+    except TypeError as err:
+        raise ConfigError(
+            f"{key}: {spec['_component_']} lacks the role's interface {interface}: {err}"
+        ) from err
 
 
 def make_dit(cfg: TrainConfig, role: str) -> WanDiffusionWrapper:
@@ -149,13 +186,14 @@ def dit_weights(cfg: TrainConfig, role: str) -> dict[str, torch.Tensor]:
         logger.info("loading %s weights from %s", role, path)
         return read_dit_weights(Path(path), key=key)
     preset = getattr(cfg, f"{role}_model")
-    if preset == "world":  # trained from scratch: the network's own (seeded) initialisation
+    if is_component(preset):  # trained from scratch: the network's own (seeded) initialisation
         with torch.random.fork_rng(devices=[]), torch.device("cpu"):
             torch.manual_seed(cfg.seed)
             return WanModel(wan_config(cfg, role)).state_dict()
     if preset != "tiny":
         raise ConfigError(
-            f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny' and 'world')"
+            f"{role}_ckpt is required for the {preset!r} preset (random weights only for 'tiny' and "
+            "for components)"
         )
     return toy_dit_state_dict(wan_config(cfg, role))
 
@@ -190,12 +228,10 @@ def build_text_encoder(
     `structure_only` builds the network (on the current default device, e.g. meta) and the tokenizer
     without reading the weights: the trainer's non-zero ranks do that and receive rank 0's weights.
     """
+    if cfg.text_encoder is not None:
+        return component_text_encoder(cfg, device)
     gcfg = wan_config(cfg, "generator")
     path = cfg.text_encoder_path
-    if path is None and is_world(cfg):
-        from world.text import WorldTextEncoder
-
-        return WorldTextEncoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len).to(device)
     if path is None:
         if cfg.generator_model != "tiny":
             raise ConfigError("text_encoder_path is required unless generator_model is 'tiny'")
@@ -221,13 +257,41 @@ def build_text_encoder(
     raise FileNotFoundError(f"text_encoder_path={path}: neither a diffusers folder nor a .pth file")
 
 
+def component_text_encoder(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The `text_encoder` component on `device`, checked on the negative prompt: it must map a list
+    of prompts to `{"prompt_embeds": [B, L, text_dim]}` with the generator's text_dim."""
+    encoder = instantiate("text_encoder", cfg.text_encoder)
+    name = cfg.text_encoder["_component_"]
+    if not isinstance(encoder, nn.Module):
+        raise ConfigError(f"text_encoder: {name} returned a {type(encoder).__name__}, not an nn.Module")
+    encoder = encoder.to(device)
+    try:
+        out = encoder([cfg.negative_prompt])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"text_encoder: {name}([negative_prompt]) failed: {err}") from err
+    embeds = out.get("prompt_embeds") if isinstance(out, Mapping) else None
+    text_dim = wan_config(cfg, "generator").text_dim
+    if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[-1] != text_dim:
+        got = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"text_encoder: {name} lacks the role's interface list[str] -> {{'prompt_embeds': "
+            f"[B, L, {text_dim}]}} (the generator's text_dim); it gave {got}"
+        )
+    return encoder
+
+
 def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> WanVAE:
     """Wan VAE from `vae_path` (diffusers folder with `vae/`, or the original `Wan2.1_VAE.pth`)."""
+    if cfg.vae is not None:
+        vae = instantiate("vae", cfg.vae)
+        for method in ("encode", "decode"):
+            if not callable(getattr(vae, method, None)):
+                raise ConfigError(
+                    f"vae: {cfg.vae['_component_']} builds a {type(vae).__name__} without {method}(); "
+                    "a VAE/codec needs encode(videos [B, 3, T, H, W]) and decode(latents [B, F, C, h, w])"
+                )
+        return vae.to(device) if isinstance(vae, nn.Module) else vae
     path = cfg.vae_path
-    if path is None and is_world(cfg):
-        from world.codec import WorldCodec
-
-        return WorldCodec().to(device)
     if path is None:
         if cfg.generator_model != "tiny":
             raise ConfigError("vae_path is required unless generator_model is 'tiny'")
@@ -256,17 +320,6 @@ NEEDS = {
     "diffusion": (False, False),
     "teacher_regression": (True, False),
 }
-
-
-def step_list(cfg: TrainConfig) -> list[float]:
-    """`denoising_step_list`, warped through the generator's shifted grid if `warp_denoising_step`."""
-    steps = [float(s) for s in cfg.denoising_step_list]
-    if cfg.warp_denoising_step:
-        sched = FlowMatchScheduler(
-            shift=cfg.model_kwargs.timestep_shift, num_train_timesteps=cfg.num_train_timestep
-        )
-        steps = [float(s) for s in sched.warp(steps)]
-    return steps
 
 
 def build_objective_from_config(

@@ -1,6 +1,7 @@
-"""Regression onto a teacher's denoiser: how the shapes world trains its base model.
+"""Regression onto a teacher's denoiser: how a domain with a closed-form teacher (the README's
+shapes domain) trains its base model.
 
-The student (here a bidirectional world network: a causal model whose one block spans the clip) sees
+The student (there a bidirectional network: a causal model whose one block spans the clip) sees
 data latents noised to a random level, `x_t = (1 - s) x0 + s * noise`, and regresses the teacher's
 flow at that point, weighted like flow matching (spec §5.8's training weight):
 
@@ -11,13 +12,13 @@ or, with `denoising_loss_type="x0"`, on the denoised clip with equal weight at e
     loss = mean_{B,F,C,H,W}( (x0_student(x_t, t, c) - x0_teacher(x_t, t, c))^2 )
 
 which is the flow loss weighted by sigma^2 instead of w(t) (x0 = x_t - sigma * v). With the shifted
-grid most draws are very noisy, where w(t) is nearly 0: in the shapes world the x0 loss gave far
-sharper samples (`python3 -m world.sweep`).
+grid most draws are very noisy, where w(t) is nearly 0: in the shapes domain the x0 loss gave far
+sharper samples (README, its sweep).
 
 Unlike plain flow matching (target `noise - x0`, a noisy estimate of the teacher's flow), the target
 is the teacher's conditional expectation itself, so the loss has no irreducible variance. It works
-with any teacher behind the `WanDiffusionWrapper` interface; in the shapes world it is the exact
-posterior mean (`world.teacher.ExactTeacher`), standing in for the pretrained Wan that upstream
+with any teacher behind the `WanDiffusionWrapper` interface; in the shapes domain it is the exact
+posterior mean (a `real_score_model` component), standing in for the pretrained Wan that upstream
 initialises every role from.
 """
 

@@ -54,17 +54,28 @@ def sum_over_ranks(value: int, device: torch.device) -> int:
 # 2. Teacher ------------------------------------------------------------------------------------------
 
 
+def model_preset(name: str) -> WanConfig:
+    """`--model`: a WanConfig preset, or "world" (the shapes world's network, world/network.py)."""
+    if name == "world":
+        from world.network import NETWORK
+
+        return NETWORK
+    return WanConfig.preset(name)
+
+
 def add_teacher_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("teacher")
     group.add_argument(
-        "--model", default="wan2.1-t2v-1.3b", help="WanConfig preset: wan2.1-t2v-1.3b, wan2.1-t2v-14b or tiny"
+        "--model",
+        default="wan2.1-t2v-1.3b",
+        help="WanConfig preset: wan2.1-t2v-1.3b, wan2.1-t2v-14b, tiny; or world",
     )
     group.add_argument(
         "--weights",
         default=None,
         help="DiT weights: an official/diffusers safetensors file or folder, or a .pt state dict. May be "
         "omitted only with --model tiny, which then uses random weights drawn from --seed (CPU demos, tests); "
-        "'toy' = the toy world's teacher (the same weights train.py gives the tiny preset); "
+        "'toy' = the toy networks' teacher (the same weights train.py gives the tiny preset); "
         "'exact' = the shapes world's exact teacher (with --model world)",
     )
     group.add_argument(
@@ -96,16 +107,16 @@ def build_teacher(
         from world.teacher import ExactTeacher
         from world.text import WorldTextEncoder
 
-        cfg = WanConfig.preset(model)
+        cfg = model_preset(model)
         return ExactTeacher(WorldTextEncoder(cfg.text_dim, cfg.text_len)).to(device).eval()
-    cfg = WanConfig.preset(model)
+    cfg = model_preset(model)
     if weights is None and cfg != WanConfig.preset("tiny"):
         raise ValueError(f"--weights is required for --model {model} (random weights only for --model tiny)")
     # Built straight on the target device: no CPU copy of a 14B model, and GPU init is quick.
     with torch.device(device):
         net = WanModel(cfg)
     if weights == "toy":
-        from wan.toy import toy_dit_state_dict  # the toy world's teacher, identical to train.py's
+        from wan.toy import toy_dit_state_dict  # the toy networks' teacher, identical to train.py's
 
         load_dit_weights(net, toy_dit_state_dict(cfg))
     elif weights is not None:
@@ -130,7 +141,7 @@ def add_text_encoder_args(parser: argparse.ArgumentParser) -> None:
         "--text_encoder",
         default=None,
         help="a diffusers-format Wan folder (text_encoder/ + tokenizer/), Wan's original "
-        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer), 'toy' (the toy world's tiny umT5) "
+        "models_t5_umt5-xxl-enc-bf16.pth (then also --tokenizer), 'toy' (the toy networks' tiny umT5) "
         "or 'world' (the shapes world's word embeddings)",
     )
     group.add_argument(
@@ -172,7 +183,7 @@ def build_prompt_encoder(args: argparse.Namespace, cfg: WanConfig, device: torch
 
         world = WorldTextEncoder(cfg.text_dim, cfg.text_len).to(device)
         return lambda prompts: world(prompts)["prompt_embeds"]
-    if args.text_encoder == "toy":  # the toy world's seeded tiny umT5, identical to train.py's
+    if args.text_encoder == "toy":  # the toy networks' seeded tiny umT5, identical to train.py's
         from wan.toy import toy_text_encoder
 
         toy = toy_text_encoder(text_dim=cfg.text_dim, text_len=cfg.text_len).to(device)

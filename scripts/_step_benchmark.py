@@ -5,7 +5,7 @@
   the optimizer steps with everything the loop does around them (data loading, per-micro-batch
   seeding, shared draws, gradient clipping, metric reductions, metrics.jsonl, the agreed stop).
 * bare: the same networks built by the same builders (`model/build.py`: `build_dit`, `set_trainable`,
-  `build_exact_teacher`, `build_objective_from_config`) as plain modules, one AdamW per role, the
+  `fixed_real_score`, `build_objective_from_config`) as plain modules, one AdamW per role, the
   objective's own losses, batches drawn from the trainer's loader beforehand and reused from memory.
   A step is `zero_grad, loss, backward, step` per role; nothing else.
 
@@ -32,10 +32,9 @@ import torch
 
 from model.build import (
     NEEDS,
-    WORLD_EXACT,
     build_dit,
-    build_exact_teacher,
     build_objective_from_config,
+    fixed_real_score,
     lora_spec,
     set_trainable,
 )
@@ -78,8 +77,9 @@ class BareLoop:
 
     def _dit(self, role: str, trainable: bool, gan_head: bool = False) -> torch.nn.Module:
         cfg = self.cfg
-        if role == "real_score" and cfg.real_score_model == WORLD_EXACT:
-            return build_exact_teacher(cfg, self.device)
+        fixed = fixed_real_score(cfg, self.device) if role == "real_score" else None
+        if fixed is not None:
+            return fixed
         lora = lora_spec(cfg, role) if trainable else None
         lora_seed = micro_seed(cfg.seed, 0, f"{role}/lora", 0)
         net = build_dit(cfg, role, seed=cfg.seed, gan_head=gan_head, lora=lora, lora_seed=lora_seed)

@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _load_vae(path: str, device: torch.device, dtype: torch.dtype):
     from wan.vae import WanVAE  # diffusers is heavy: import when the job really starts
 
-    if path == "toy":  # the toy world's seeded tiny VAE (z_dim 4), identical to train.py's
+    if path == "toy":  # the toy networks' seeded tiny VAE (z_dim 4), identical to train.py's
         from wan.toy import toy_vae
 
         return toy_vae().to(device=device, dtype=dtype)

@@ -34,6 +34,7 @@ from utils.checkpoint import (
     run_ema_entries,
     select_ema_entry,
 )
+from utils.errors import exit_code_of
 from utils.lora import LoraWeights, has_lora, merge_lora, split_lora_state_dict, write_peft_adapter
 from wan.lora_weights import write_diffusers_lora
 from wan.weights import strip_wrapper_prefixes, write_safetensors
@@ -50,7 +51,7 @@ def _run_lora_shape(source: Path) -> tuple[float, int] | None:
 
     config = resolve_checkpoint_dir(source).parent.parent / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: a LoRA run's alpha and rank are read from it")
+        raise CheckpointError(f"{config} is missing: a LoRA run's alpha and rank are read from it")
     cfg = OmegaConf.load(config)
     rank = int(cfg.lora_rank)
     return float(rank if cfg.get("lora_alpha") is None else cfg.lora_alpha), rank
@@ -81,10 +82,14 @@ def export(
     except KeyError:
         critic = None  # objectives without a critic (ode, diffusion)
     emas = run_ema_entries(source)  # rate -> checkpoint entry (none when the run keeps no EMA)
+    if use_ema is not None:  # an EMA asked for by rate must exist (the refusal lists the rates kept)
+        select_ema_entry(source, use_ema)
     if emas and not counters.get("ema_active"):  # before ema_start_step: upstream's files have no EMA either
         try:  # the checkpoint's own refusal names ema_start_step and the run's step
             read_run_model(source, next(iter(emas.values())))
         except CheckpointError as err:
+            if use_ema is not None:  # asked for by name: not there yet is an error, not a warning
+                raise CheckpointError(f"--use_ema {use_ema}: {err}") from err
             logger.warning("%s; exporting without generator_ema", err)
         emas = {}
     ema_sds = {rate: read_run_model(source, name) for rate, name in emas.items()}
@@ -150,14 +155,17 @@ def main(argv: list[str] | None = None) -> int:
     if (args.logdir is None) == (args.checkpoint is None):
         p.error("pass exactly one of --logdir and --checkpoint")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s")
-    export(
-        Path(args.logdir or args.checkpoint),
-        Path(args.output),
-        diffusers=args.diffusers,
-        use_ema=args.use_ema,
-        merged_pt=args.merged_pt,
+    # Exit codes as train.py's: 2 and one `error:` line for what the user can fix (a path that holds
+    # no checkpoint, an EMA the run does not have); anything else is a bug and keeps its traceback.
+    return exit_code_of(
+        lambda: export(
+            Path(args.logdir or args.checkpoint),
+            Path(args.output),
+            diffusers=args.diffusers,
+            use_ema=args.use_ema,
+            merged_pt=args.merged_pt,
+        )
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ an LMDB written by another job, is refused unless ``--append`` is given.
         --hashed_text_embeddings --latent_frames 3 --latent_height 8 --latent_width 8   # CPU demo
     python scripts/generate_ode_pairs.py --prompts configs/prompts_toy.txt --out data/toy_ode \\
         --model tiny --weights toy --text_encoder toy --latent_frames 6 --latent_height 8 \\
-        --latent_width 8 --num_steps 8 --keep_indices 0 2 4 6 -1          # the toy world's ODE pairs
+        --latent_width 8 --num_steps 8 --keep_indices 0 2 4 6 -1          # the toy networks' ODE pairs
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from scripts._common import (
     build_prompt_encoder,
     build_teacher,
     check_output,
+    model_preset,
     sum_over_ranks,
     write_manifest,
 )
@@ -53,7 +54,6 @@ from utils.dataset import TextDataset, shard_indices
 from utils.distributed import DistInfo, barrier, distributed_session
 from utils.lmdb import LMDBWriter, read_done_keys, shard_path
 from utils.logging import setup_logging
-from wan import WanConfig
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def generate(args: argparse.Namespace, info: DistInfo) -> int:
     # 1. prompts, sampler settings, and the output's consistency with them
     dataset = TextDataset(args.prompts)
     prompts, prompt_ids = _unique_prompts(dataset)
-    cfg = WanConfig.preset(args.model)
+    cfg = model_preset(args.model)
     latent_shape = (args.latent_frames, cfg.in_dim, args.latent_height, args.latent_width)
     cfg.tokens_per_frame(args.latent_height, args.latent_width)  # raises if not patch-divisible
     n_states = args.num_steps + 1

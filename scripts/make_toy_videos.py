@@ -1,4 +1,4 @@
-"""Write a folder of small synthetic videos plus `metadata.csv`, the toy world's "real videos".
+"""Write a folder of small synthetic videos plus `metadata.csv`, the "real videos" of the toy-network runs.
 
     python scripts/make_toy_videos.py --out data/toy_videos --num_videos 8
 

@@ -322,8 +322,7 @@ def test_model_presets_agree_with_wan_presets():
     from utils.config import MODEL_PRESETS
     from wan import PRESETS
 
-    # "world-exact" is the shapes world's closed-form teacher: a real_score_model, not a network preset.
-    assert set(MODEL_PRESETS) == set(PRESETS) | {"world-exact"}
+    assert set(MODEL_PRESETS) == set(PRESETS)  # any other network is a component
 
 
 def test_model_kwargs_wan_config_changes_the_generator_only():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -190,6 +192,40 @@ def test_changed_learning_rates_take_effect_on_resume_and_metrics_hold_each_step
     assert [g["lr"] for g in ckpt["critic_warmup_optim"]["param_groups"]] == exact([3e-5], rel=1e-12)
     assert [r["step"] for r in metrics(logdir)] == [1, 2, 3, 4, 5]
     assert load_config(logdir / "config.yaml").lr == 1e-4
+
+
+def test_resume_that_changes_the_lr_decay_horizon_is_refused_or_follows_the_new_config(
+    tmp_path, toy_lmdb, capsys
+):
+    """cosine over max_steps: 3 steps, then a resume to 6. Silently keeping the restored 3-step horizon
+    (LR lr_min from step 4 on) while the log said max_steps changed was the defect. Now: one error
+    naming the horizon; lr_decay_steps=3 continues bitwise as a run that had it from the start; the
+    override continues over the new horizon from the restored step (the formula written out)."""
+    common = [f"data_path={toy_lmdb}", "lr_schedule=cosine", "lr_min=2e-5", "log_iters=3"]
+    assert run("tiny_ode", tmp_path / "split", [*common, "max_steps=3"]) == 0
+    shutil.copytree(tmp_path / "split", tmp_path / "override")
+    capsys.readouterr()
+    assert run("tiny_ode", tmp_path / "split", [*common, "max_steps=6"]) == USER_ERROR_EXIT_CODE
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "LR decay horizon" in line and "3 -> 6" in line and "lr_decay_steps=3" in line, line
+    assert [s for s, _ in Checkpointer(tmp_path / "split").complete_checkpoints()] == [3]
+
+    keep = [*common, "max_steps=6", "lr_decay_steps=3"]
+    assert run("tiny_ode", tmp_path / "split", keep) == 0
+    assert run("tiny_ode", tmp_path / "once", keep) == 0
+    a, b = weights(load_checkpoint(tmp_path / "once", 6)), weights(load_checkpoint(tmp_path / "split", 6))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    assert run("tiny_ode", tmp_path / "override", [*common, "max_steps=6"], "--allow_config_change") == 0
+    # LR of optimizer step k: 2e-5 + (2e-4 - 2e-5) (1 + cos(pi k / horizon)) / 2, horizon 3 then 6.
+    cosine = [
+        0.5 * (1 + math.cos(math.pi * k / n)) for k, n in [(0, 3), (1, 3), (2, 3), (3, 6), (4, 6), (5, 6)]
+    ]
+    lrs = [r["generator_lr"] for r in metrics(tmp_path / "override")]
+    assert lrs == pytest.approx([2e-5 + 1.8e-4 * f for f in cosine], rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

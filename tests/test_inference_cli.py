@@ -1,4 +1,4 @@
-"""inference.py and scripts/export_checkpoint.py on the toy world: formats in, mp4 + summary out."""
+"""inference.py and scripts/export_checkpoint.py on the toy networks: formats in, mp4 + summary out."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from tests.dist_helpers import free_port, subprocess_env
 from wan import WanConfig, WanModel
 from wan.toy import toy_vae
 from wan.weights import write_self_forcing_pt
+from world.network import NETWORK
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny_dmd.yaml"  # latents 4 x 8 x 8 -> 64 x 64 pixels, blocks of 3, 6 frames
@@ -85,7 +86,7 @@ def _infer(monkeypatch, tmp_path: Path, args: list[str], out: str = "videos") ->
 def _world_checkpoint(tmp_path: Path) -> Path:
     """A world generator with random (non-zero-gated) weights, as an upstream-format .pt."""
     g = torch.Generator().manual_seed(5)
-    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in WanModel(WanConfig.preset("world")).state_dict().items()}  # fmt: skip
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in WanModel(NETWORK).state_dict().items()}  # fmt: skip
     path = tmp_path / "world.pt"
     write_self_forcing_pt(path, generator=sd)
     return path

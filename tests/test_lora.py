@@ -1,4 +1,4 @@
-"""LoRA distillation (peft) on the toy world, and the training-loop features that came with it:
+"""LoRA distillation (peft) on the toy networks, and the training-loop features that came with it:
 EMA at several rates, LR decay schedules, activation offload.
 
 References: the toy weights the base started from (bitwise), an uninterrupted run, 1 rank x 2

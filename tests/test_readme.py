@@ -22,3 +22,15 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"Set up and run the tests:\n\n```bash\n(.*?)\n```", readme, re.S).group(1)
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_layout_lists_every_top_level_folder():
+    """README's Layout names each folder of the repository (`name/`), so a newcomer finds every room."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    folders = sorted(
+        p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and any(p.rglob("*.*"))
+        and p.name not in ("runs", "data", "build") and not p.name.endswith(".egg-info")
+    )  # fmt: skip
+    missing = [name for name in folders if f"`{name}/`" not in layout]
+    assert not missing, f"README Layout leaves out {missing}"

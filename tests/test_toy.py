@@ -1,4 +1,4 @@
-"""The toy world's frozen networks: deterministic across processes and usable on any prompt."""
+"""The toy networks (the `tiny` preset's seeded frozen networks): deterministic across processes and usable on any prompt."""
 
 import torch
 

@@ -11,6 +11,7 @@ from torch.distributions import Normal
 from pipeline.bidirectional_inference import BidirectionalSampler
 from utils.scheduler import FlowMatchScheduler
 from world.codec import WorldCodec
+from world.network import NETWORK
 from world.render import (
     SHADES,
     Prompt,
@@ -202,12 +203,12 @@ def test_exact_ode_reproduces_the_data(teacher, encoder):
 @pytest.mark.parametrize("loss_type", ["flow", "x0"])
 def test_teacher_regression_loss_is_the_formula(teacher, encoder, loss_type):
     from model import TeacherRegression
-    from wan import CausalWanModel, WanConfig, WanDiffusionWrapper
+    from wan import CausalWanModel, WanDiffusionWrapper
 
     from .wan_helpers import randomize_
 
     sched = FlowMatchScheduler(shift=5.0)
-    net = randomize_(CausalWanModel(WanConfig.preset("world"), num_frame_per_block=6))
+    net = randomize_(CausalWanModel(NETWORK, num_frame_per_block=6))
     gen = WanDiffusionWrapper(net, sched)
     obj = TeacherRegression(gen, teacher, sched, num_frame_per_block=6, denoising_loss_type=loss_type)
     p = all_prompts()[5]

@@ -67,8 +67,30 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
 
 
 def test_world_configs_load():
+    from model.build import wan_config
     from utils.config import load_config
+    from world.network import NETWORK
 
     for path in sorted(CONFIGS.glob("*.yaml")):
         cfg = load_config(str(path), [])
-        assert cfg.generator_model == "world", path
+        assert cfg.generator_model == {"_component_": "world.network.wan_config"}, path
+        assert wan_config(cfg, "generator") == NETWORK.replace(**cfg.model_kwargs.wan_config), path
+
+
+def test_a_run_record_from_before_components_still_loads(tmp_path):
+    """A world run's config.yaml written when the core had `world` / `world-exact` presets loads as
+    the same components (the chain re-evaluates finished runs from their own config.yaml)."""
+    from model.build import wan_config
+    from world.network import NETWORK
+    from world.sampling import load_run_config
+
+    text = (CONFIGS / "dmd.yaml").read_text()
+    for key in ("generator_model", "real_score_model", "fake_score_model", "text_encoder", "vae"):
+        text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key}:"))
+    old = tmp_path / "config.yaml"
+    old.write_text("generator_model: world\nreal_score_model: world-exact\nfake_score_model: world\n" + text)
+    cfg = load_run_config(old)
+    assert cfg.real_score_model == {"_component_": "world.teacher.ExactTeacher"}
+    assert cfg.text_encoder == {"_component_": "world.text.WorldTextEncoder"}
+    assert cfg.vae == {"_component_": "world.codec.WorldCodec"}
+    assert wan_config(cfg, "generator") == wan_config(cfg, "fake_score") == NETWORK

@@ -9,10 +9,11 @@ import torch
 from wan import CausalWanModel, KVCache, WanConfig, WanModel
 from wan.cache import CrossAttentionCache
 from wan.modules import rope_angles
+from world.network import NETWORK
 
 from .wan_helpers import randomize_
 
-WORLD = WanConfig.preset("world")
+WORLD = NETWORK
 
 
 def test_wan_presets_have_no_world_options():

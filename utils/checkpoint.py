@@ -58,6 +58,10 @@ class CheckpointError(UserError):
     """A checkpoint cannot be used by this run (incomplete, another format, other parameters)."""
 
 
+class CheckpointChoiceError(CheckpointError, ValueError):
+    """What was asked of a run directory is not in it: no complete checkpoint, no EMA at that rate."""
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -568,7 +572,10 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
         return path
     latest = Checkpointer(path).latest()
     if latest is None:
-        raise FileNotFoundError(f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'})")
+        raise CheckpointChoiceError(
+            f"{path} holds no complete checkpoint (looked in {path / 'checkpoints'}): pass a run "
+            "directory or one of its checkpoints/step_XXXXXXXX"
+        )
     return latest[1]
 
 
@@ -602,15 +609,17 @@ def select_ema_entry(path: str | Path, rate: float | None = None) -> str:
     entries = run_ema_entries(path)
     rates = sorted(r for r in entries if r == r)
     if not entries:
-        raise KeyError(f"{path} holds no EMA weights (ema_weight 0, or before ema_start_step)")
+        raise CheckpointChoiceError(f"{path} holds no EMA weights (ema_weight 0, or before ema_start_step)")
     if rate is None:
         if len(entries) > 1:
-            raise ValueError(f"{path} keeps EMAs at rates {rates}; choose one (e.g. --use_ema {rates[-1]})")
+            raise CheckpointChoiceError(
+                f"{path} keeps EMAs at rates {rates}; choose one (e.g. --use_ema {rates[-1]})"
+            )
         return next(iter(entries.values()))
     for r, name in entries.items():
         if r == rate or (r != r and len(entries) == 1):  # NaN: a single EMA whose rate is unrecorded
             return name
-    raise ValueError(f"{path} has no EMA at rate {rate}; it keeps {rates}")
+    raise CheckpointChoiceError(f"{path} has no EMA at rate {rate}; it keeps {rates}")
 
 
 def read_run_model(path: str | Path, entry: str = "generator") -> dict[str, torch.Tensor]:

@@ -28,7 +28,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.errors import UserError
+from utils.components import COMPONENT_KEY, is_component, resolve
+from utils.errors import ConfigError
 from utils.lora import LORA_ROLES, parse_names
 
 logger = logging.getLogger(__name__)
@@ -43,16 +44,13 @@ WAN_NEGATIVE_PROMPT = (
 TRAINERS = ("dmd", "sid", "gan", "ode", "diffusion", "causvid", "teacher_regression")
 # Objectives with an image-to-video recipe: rollouts from the data's first frame, or (ODE) that frame clean.
 I2V_TRAINERS = ("dmd", "sid", "gan", "ode")
-# Must agree with `wan.WanConfig.preset` (utils may not import wan).
-# "world" is the shapes world's network; "world-exact" (real_score_model only) its exact teacher.
-MODEL_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny", "world", "world-exact")
+# Must agree with `wan.WanConfig.preset` (utils may not import wan). Any other network is a component.
+MODEL_PRESETS = ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny")
+ROLE_KEYS = ("generator_model", "real_score_model", "fake_score_model")
+COMPONENT_ONLY_KEYS = ("text_encoder", "vae")
 SHARDING_STRATEGIES = ("full", "hybrid", "hybrid_full", "hybrid_zero2", "none", "no_shard")
 DENOISING_LOSS_TYPES = ("flow", "x0")
 WANDB_MODES = ("offline", "online", "disabled")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file or override is invalid; the message names the key and its source."""
 
 
 @dataclass
@@ -96,14 +94,22 @@ class TrainConfig:
     max_pair: int | None = None  # cap on ODE pairs read from the LMDB; None = all
 
     # --- models and weights ----------------------------------------------------------------------
-    generator_model: str = "wan2.1-t2v-1.3b"  # causal student preset (MODEL_PRESETS)
-    real_score_model: str = "wan2.1-t2v-14b"  # frozen teacher preset
-    fake_score_model: str = "wan2.1-t2v-1.3b"  # trainable critic preset
+    # A role is a preset (MODEL_PRESETS) or a component {_component_: dotted.path, **kwargs}
+    # (utils/components.py): a factory of a WanConfig (a Wan network of those sizes; without a
+    # checkpoint it starts from its seeded init), or, for real_score_model, of a fixed module
+    # (noisy, t, context) -> (flow, x0), e.g. a closed-form teacher, used as it is.
+    generator_model: Any = "wan2.1-t2v-1.3b"  # causal student
+    real_score_model: Any = "wan2.1-t2v-14b"  # frozen teacher
+    fake_score_model: Any = "wan2.1-t2v-1.3b"  # trainable critic
     generator_ckpt: str | None = None  # initial generator weights (.pt: "generator" or "model" entry)
     real_score_ckpt: str | None = None  # teacher DiT weights; None allowed only for "tiny" (random)
     fake_score_ckpt: str | None = None  # critic DiT weights; None allowed only for "tiny" (random)
     text_encoder_path: str | None = None  # UMT5 weights and tokenizer; None = tiny random encoder
     vae_path: str | None = None  # Wan VAE weights; None = tiny random VAE
+    # Components in place of the paths above: a text encoder (list[str] -> {"prompt_embeds":
+    # [B, L, text_dim]}) and a VAE/codec (encode / decode), each built on every rank as it is.
+    text_encoder: Any = None
+    vae: Any = None
     model_kwargs: ModelKwargs = field(default_factory=ModelKwargs)  # generator construction arguments
     # Latent [B, F, C, H, W]; B is replaced by batch_size, F by the rollout length.
     image_or_video_shape: list[int] = field(default_factory=lambda: [1, 21, 16, 60, 104])
@@ -334,11 +340,14 @@ def resolve_accumulation(cfg: TrainConfig, world_size: int) -> int:
 
 def validate_config(cfg: TrainConfig) -> None:
     """Check choices and ranges that the type system cannot express; raise `ConfigError`."""
+    _validate_components(cfg)
     choices = {
         "trainer": (cfg.trainer, TRAINERS),
-        "generator_model": (cfg.generator_model, MODEL_PRESETS),
-        "real_score_model": (cfg.real_score_model, MODEL_PRESETS),
-        "fake_score_model": (cfg.fake_score_model, MODEL_PRESETS),
+        **{
+            key: (getattr(cfg, key), MODEL_PRESETS)
+            for key in ROLE_KEYS
+            if not is_component(getattr(cfg, key))
+        },
         "sharding_strategy": (cfg.sharding_strategy, SHARDING_STRATEGIES),
         "denoising_loss_type": (cfg.denoising_loss_type, DENOISING_LOSS_TYPES),
         "wandb_mode": (cfg.wandb_mode, WANDB_MODES),
@@ -346,11 +355,6 @@ def validate_config(cfg: TrainConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{_suggest(str(value), allowed)}")
-    for key in ("generator_model", "fake_score_model"):
-        if getattr(cfg, key) == "world-exact":
-            raise ConfigError(
-                f"{key}='world-exact': the exact teacher has no weights to train; use it as real_score_model"
-            )
     _reject_non_finite(cfg)
     positive = {
         "batch_size": cfg.batch_size,
@@ -416,6 +420,21 @@ def validate_config(cfg: TrainConfig) -> None:
         )
 
 
+def _validate_components(cfg: TrainConfig) -> None:
+    """Each component's path imports and takes its keyword arguments (what the object can do is
+    checked where its role is built): before anything is built or trained."""
+    for key in (*ROLE_KEYS, *COMPONENT_ONLY_KEYS):
+        value = getattr(cfg, key)
+        if is_component(value):
+            resolve(key, value)
+        elif isinstance(value, Mapping):
+            raise ConfigError(
+                f"{key}: a mapping must name its factory with {COMPONENT_KEY}, got keys {sorted(value)}"
+            )
+        elif key in COMPONENT_ONLY_KEYS and value is not None:
+            raise ConfigError(f"{key}={value!r}: expected {{{COMPONENT_KEY}: dotted.path, ...}} or null")
+
+
 def ema_rates(cfg: TrainConfig) -> tuple[float, ...]:
     """The EMA decays of the run: `ema_weight` as a tuple; () when EMA is off (`ema_weight: 0`)."""
     value = cfg.ema_weight
@@ -434,6 +453,11 @@ def ema_rates(cfg: TrainConfig) -> tuple[float, ...]:
 
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_decay_horizon(lr_decay_steps: int | None, max_steps: int, lr_warmup_steps: int) -> int:
+    """Optimizer steps a linear/cosine LR decay spans: `lr_decay_steps`, else the steps after the warm-up."""
+    return int(lr_decay_steps or max(1, max_steps - lr_warmup_steps))
 
 
 def _validate_lr_schedule(cfg: TrainConfig) -> None:
@@ -572,7 +596,9 @@ def _nested_schema(schema: type, key: str) -> type | None:
 def _deep_merge(base: dict[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in new.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        if is_component(value):  # another factory: the old one's keyword arguments do not carry over
+            out[key] = dict(value)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = _deep_merge(dict(out[key]), value)
         else:
             out[key] = value

@@ -4,8 +4,8 @@ Networks never know they are distributed: the trainer builds a module (ideally o
 then calls `apply_activation_checkpointing` (optional), `shard_model` and `load_full_state_dict`.
 
 Without torchrun, `init_distributed` still creates a **single-process group** (an in-memory store,
-no port), so the trainer, FSDP2, DCP checkpoints and EMA follow exactly one code path at any world
-size, including 1.
+no port), so the trainer, FSDP2, DCP checkpoints and EMA follow exactly one code path at any
+world size, including 1.
 """
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ class UserError(Exception):
     """Something the user can fix; the message alone must say what and where (key, file, step)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration file or override is invalid; the message names the key and its source."""
+
+
 def exit_code_of(job: Callable[[], object]) -> int:
     """Run an entry point's job: 0 when it returns, `USER_ERROR_EXIT_CODE` after printing a
     `UserError`'s message once (rank 0 only, under torchrun); any other exception propagates."""

@@ -4,7 +4,7 @@ glibc's malloc serves large blocks with a fresh `mmap` (above `M_MMAP_THRESHOLD`
 raised dynamically as blocks are freed) and returns the free top of the heap to the kernel (above
 `M_TRIM_THRESHOLD`). A CPU training step allocates and frees the same activation tensors every step,
 so by default each step page-faults its working set in again: ~6,800 minor faults per step of the
-shapes world's base stage (batch 32), 0 once freed memory is kept (measured with
+shapes domain's base stage (batch 32), 0 once freed memory is kept (measured with
 `getrusage().ru_minflt`). On a loaded or virtualised machine a fault can cost far more than the
 arithmetic that follows it; see README "Training speed". Results do not change: only where tensors
 live. PyTorch's CPU performance guide gives the same advice (jemalloc / tcmalloc).

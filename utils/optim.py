@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,6 +121,28 @@ def apply_base_lrs(
             scheduler.base_lrs[i] = new
     if scheduler is not None:
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def schedule_settings(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[dict[str, Any]]:
+    """The settings of a scheduler's multipliers (a `WarmupDecay`'s fields), as built from this run's
+    config: taken before a checkpoint load, which overwrites them with the saved run's."""
+    return [dict(vars(fn)) for fn in scheduler.lr_lambdas]
+
+
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, settings: Sequence[dict[str, Any]]) -> None:
+    """After a checkpoint load: give the multipliers this run's `settings` back (the load brought the
+    saved run's, e.g. the decay horizon of a smaller `max_steps`), keep the restored step counter, and
+    set every group's LR to `base_lr x multiplier(step)`, the expression `LambdaLR.step()` evaluates,
+    so an unchanged schedule leaves each LR bit for bit as it was saved."""
+    if len(settings) != len(scheduler.lr_lambdas):
+        raise ValueError(f"{len(settings)} schedule settings for {len(scheduler.lr_lambdas)} multipliers")
+    for fn, fields in zip(scheduler.lr_lambdas, settings):
+        fn.__dict__.update(fields)
+    step = scheduler.last_epoch
+    lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def clip_grad_norm(module_or_params: nn.Module | Iterable[torch.Tensor], max_norm: float) -> float:

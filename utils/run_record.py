@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, TrainConfig, config_to_dict
+from utils.config import ConfigError, TrainConfig, config_to_dict, lr_decay_horizon
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ CHANGEABLE_KEYS = frozenset(
     {
         "logdir",
         "resume",
-        "max_steps",
+        "max_steps",  # with a decaying LR schedule, only where the decay horizon stays (decay_horizon)
+        "lr_decay_steps",  # likewise
         "log_iters",
         "keep_last_checkpoints",
         "sample_every",
@@ -122,6 +123,19 @@ def config_differences(saved: Mapping[str, Any], new: TrainConfig) -> dict[str, 
     }
 
 
+# What a decaying LR schedule's length is named by in a resume's error and log.
+HORIZON = "LR decay horizon (lr_decay_steps, else max_steps - lr_warmup_steps)"
+
+
+def decay_horizon(config: Mapping[str, Any]) -> int | None:
+    """The optimizer steps a linear/cosine LR decay spans (`WarmupDecay.decay_steps`, as train.py
+    derives it); None for a constant schedule or a saved config that predates these keys."""
+    keys = ("lr_schedule", "lr_decay_steps", "max_steps", "lr_warmup_steps")
+    if any(k not in config for k in keys) or config["lr_schedule"] == "constant":
+        return None
+    return lr_decay_horizon(config["lr_decay_steps"], config["max_steps"], config["lr_warmup_steps"])
+
+
 def check_resume_config(saved: Mapping[str, Any], new: TrainConfig, allow_change: bool) -> dict[str, tuple]:
     """Compare the config a run resumes with against its saved one.
 
@@ -131,12 +145,19 @@ def check_resume_config(saved: Mapping[str, Any], new: TrainConfig, allow_change
     """
     diffs = config_differences(saved, new)
     defining = {k: v for k, v in diffs.items() if k.split(".")[0] not in CHANGEABLE_KEYS}
+    horizons = (decay_horizon(saved), decay_horizon(config_to_dict(new)))
+    hint = ""
+    if horizons[0] is not None and horizons[0] != horizons[1]:
+        # The steps already taken followed the saved horizon: no resume can equal a run that had the
+        # new one from the start, so a changed horizon is a change of the run's definition.
+        defining[HORIZON] = horizons
+        hint = f" (lr_decay_steps={horizons[0]} keeps the saved decay horizon)"
     if defining and not allow_change:
         listed = "; ".join(f"{k}: {old!r} -> {cur!r}" for k, (old, cur) in defining.items())
         raise ConfigError(
             f"the run being resumed was started with a different config; keys that define the run "
             f"differ ({listed}). Use another logdir for a new run, or pass {OVERRIDE_FLAG} to "
-            f"continue this run with the new values"
+            f"continue this run with the new values{hint}"
         )
     for key, (old, cur) in diffs.items():
         if key in defining:

@@ -95,7 +95,7 @@ class UlyssesComm:
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Where this rank sits in `world = dp x sp`. `comm` is None when `sp == 1` (no sequence parallelism)."""
+    """Where this rank sits in `world_size = dp x sp`. `comm` is None when `sp == 1` (no sequence parallelism)."""
 
     dp_rank: int
     dp_size: int

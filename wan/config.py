@@ -27,8 +27,8 @@ class WanConfig:
     qk_norm: bool = True
     cross_attn_norm: bool = True
     eps: float = 1e-6
-    # Options for small worlds trained from scratch (the shapes world); the defaults are Wan2.1's, so
-    # official checkpoints load exactly as before.
+    # Options for small networks trained from scratch (the shapes domain's, see the README); the
+    # defaults are Wan2.1's, so official checkpoints load exactly as before.
     rope_theta: float = 10000.0  # RoPE base; a small base gives short grids distinguishable angles
     # Learned absolute position embedding added to the patch tokens: `pos_embed_frames` frame rows
     # (frame f uses row min(f, pos_embed_frames - 1), so any length runs: every frame past the table
@@ -92,7 +92,7 @@ class WanConfig:
 
     @staticmethod
     def preset(name: str) -> WanConfig:
-        """Return a named preset: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "tiny" or "world"."""
+        """Return a named preset: "wan2.1-t2v-1.3b", "wan2.1-t2v-14b" or "tiny"."""
         key = name.lower().replace("_", "-")
         aliases = {"1.3b": "wan2.1-t2v-1.3b", "14b": "wan2.1-t2v-14b"}
         key = aliases.get(key, key)
@@ -117,30 +117,5 @@ PRESETS: dict[str, WanConfig] = {
         text_len=16,
         text_dim=32,
         freq_dim=16,
-    ),
-    # The shapes world (world/): 16x16 RGB pixel-unshuffled by 4 -> 48 x 4 x 4 latents, patch 1x1x1
-    # (16 tokens per frame). Wan has only relative (RoPE) positions; this world needs absolute ones
-    # (objects start at the centre and bounce off the walls), hence fixed sin/cos position features.
-    # The recipe was chosen by `python3 -m world.sweep` (README, "The shapes world"): width 128 (dim 64
-    # could not render the object sharply), the prompt also in the adaLN path, x0 prediction.
-    "world": WanConfig(
-        dim=128,
-        ffn_dim=512,
-        num_heads=4,
-        num_layers=2,
-        patch_size=(1, 1, 1),
-        in_dim=48,
-        out_dim=48,
-        text_len=8,
-        text_dim=32,
-        freq_dim=64,
-        rope_theta=10.0,
-        pos_embed_frames=12,  # the training length: every trained frame has its own row
-        pos_embed_grid=(4, 4),
-        pos_embed_type="sincos",
-        text_time_embedding=True,
-        predict_x0=True,
-        qk_norm_init=2.0,
-        zero_init_gates=True,
     ),
 }

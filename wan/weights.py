@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +61,9 @@ _IN_BLOCK = {
 }
 
 
-class WeightLoadError(ValueError):
-    """A state dict does not match the model: names every missing, unexpected and mis-shaped key."""
+class WeightLoadError(UserError, ValueError):
+    """Weights that cannot be used: a state dict that does not match the model (every missing,
+    unexpected and mis-shaped key named), or a file that is not a readable weights-only checkpoint."""
 
 
 def raise_key_problems(source: str, missing, unexpected, misshaped, limit: int = 20) -> None:
@@ -177,7 +181,20 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_self_forcing_pt(path: str | os.PathLike, key: str = "generator") -> dict[str, torch.Tensor]:
     """Read one model from a Self-Forcing `.pt` (`generator`, `generator_ema`, `critic`, or `model`)."""
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message is a page of advice; its one informative line names the refused global.
+        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported" in line), "")
+        reason = reason.split(" Please use")[0]
+        raise WeightLoadError(
+            f"{path}: torch.load(weights_only=True) refuses it, it pickles more than tensors and "
+            f"containers ({reason or type(err).__name__}); save only its state dicts (torch.save of "
+            "{'generator': model.state_dict()})"
+        ) from err
+    except (EOFError, RuntimeError) as err:  # empty, truncated, or not a torch.save archive
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise WeightLoadError(f"{path}: not a readable torch checkpoint ({detail})") from err
     if not isinstance(obj, Mapping):
         raise WeightLoadError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     if key in obj and isinstance(obj[key], Mapping):

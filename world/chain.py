@@ -394,9 +394,9 @@ class Chain:
     def long_window(run: Path, frames: int) -> tuple[str, ...]:
         """Overrides for a rollout of `frames`: past the training length a student without a window of
         its own rolls out with LONG_WINDOW; one trained with a window keeps it."""
-        from utils.config import load_config
+        from .sampling import load_run_config
 
-        if frames <= TRAIN_FRAMES or load_config(str(run / "config.yaml")).model_kwargs.local_attn_size != -1:
+        if frames <= TRAIN_FRAMES or load_run_config(run / "config.yaml").model_kwargs.local_attn_size != -1:
             return ()
         return LONG_WINDOW
 

@@ -20,6 +20,7 @@ from .text import WorldTextEncoder
 
 __all__ = [
     "base_ode_samples", "base_x0_rmse", "bidirectional_copy", "few_step_samples", "generate", "load_network",
+    "load_run_config",
     "ode_samples", "seeded_noise", "x0_rmse",
 ]  # fmt: skip
 
@@ -36,13 +37,42 @@ def seeded_noise(count: int, frames: int, shape: Sequence[int], seed: int) -> Te
     )
 
 
+# Run directories written before the world's pieces became components (utils/components.py) name
+# them by the presets the core used to know; their config.yaml still loads, as these components.
+LEGACY_PRESETS = {
+    ("generator_model", "world"): "world.network.wan_config",
+    ("fake_score_model", "world"): "world.network.wan_config",
+    ("real_score_model", "world"): "world.network.wan_config",
+    ("real_score_model", "world-exact"): "world.teacher.ExactTeacher",
+}
+
+
+def load_run_config(config: Path, overrides: Sequence[str] = ()):
+    """`load_config` of a world run's config.yaml, a pre-component one included (`LEGACY_PRESETS`)."""
+    import yaml
+
+    from utils.config import load_config
+
+    saved = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+    legacy = [
+        f"{key}={{_component_: {path}}}"
+        for (key, name), path in LEGACY_PRESETS.items()
+        if saved.get(key) == name
+    ]
+    if legacy and saved.get("text_encoder") is None:
+        legacy += [
+            "text_encoder={_component_: world.text.WorldTextEncoder}",
+            "vae={_component_: world.codec.WorldCodec}",
+        ]
+    return load_config(str(config), [*legacy, *overrides])
+
+
 def load_network(run_dir: Path, config: Path, overrides: Sequence[str] = ()):
     """(config, generator wrapper in eval mode with the run's trained weights)."""
     from model.build import make_dit
     from utils.checkpoint import read_run_model
-    from utils.config import load_config
 
-    cfg = load_config(str(config), list(overrides))
+    cfg = load_run_config(config, overrides)
     wrapper = make_dit(cfg, "generator")
     wrapper.load_state_dict(read_run_model(run_dir, "generator"))
     return cfg, wrapper.eval()
@@ -54,18 +84,10 @@ def _prompt_embeds(wrapper, prompts: Sequence[Prompt]) -> Tensor:
 
 
 @torch.no_grad()
-def few_step_samples(
-    wrapper, step_list: Sequence[float], num_frame_per_block: int, prompts: Sequence[Prompt], num_frames: int,
-    context_noise: float = 0.0, seed: int = 0,
-) -> Tensor:  # fmt: skip
-    """Pixels `[N, F, 3, 16, 16]` from a generator wrapper with the few-step autoregressive pipeline that
-    `inference.py` uses (a causal model whose one block spans the clip samples it bidirectionally)."""
-    from pipeline import CausalInferencePipeline
-
-    pipe = CausalInferencePipeline(
-        wrapper, wrapper.scheduler, [s for s in step_list if s > 0], num_frame_per_block,
-        context_noise=context_noise, vae=WorldCodec(),
-    )  # fmt: skip
+def few_step_samples(pipe, prompts: Sequence[Prompt], num_frames: int, seed: int = 0) -> Tensor:
+    """Pixels `[N, F, 3, 16, 16]` from a few-step autoregressive pipeline whose vae is the world's
+    codec (a causal model whose one block spans the clip samples it bidirectionally)."""
+    wrapper = pipe.generator
     c, h, w = wrapper.config.in_dim, *_latent_grid()
     noise = seeded_noise(len(prompts), num_frames, (c, h, w), seed)
     embeds = _prompt_embeds(wrapper, prompts)
@@ -146,14 +168,13 @@ def generate(
     run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, overrides: Sequence[str] = (),
     seed: int = 0,
 ) -> Tensor:  # fmt: skip
-    """`few_step_samples` of a run's generator, with its config's block size, step list and window
-    (`overrides` change them)."""
-    from model.build import step_list
+    """`few_step_samples` of a run's generator through the pipeline `inference.py` builds from the
+    run's config (block size, step list, first-frame layout, window; `overrides` change them)."""
+    from pipeline.from_config import inference_pipeline
 
     cfg, wrapper = load_network(run_dir, config, overrides)
-    return few_step_samples(
-        wrapper, step_list(cfg), cfg.num_frame_per_block, prompts, num_frames, cfg.context_noise, seed
-    )
+    pipe = inference_pipeline(cfg, wrapper, WorldCodec(), num_max_frames=num_frames)
+    return few_step_samples(pipe, prompts, num_frames, seed)
 
 
 def base_ode_samples(

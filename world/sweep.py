@@ -64,7 +64,10 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ref": [],
     "dmd_critic_from_ode": ["fake_score_ckpt={root}/ode/export/generator"],
-    "dmd_real_score_is_base": ["real_score_model=world", "real_score_ckpt={root}/base/export/generator"],
+    "dmd_real_score_is_base": [
+        "real_score_model={_component_:world.network.wan_config}",
+        "real_score_ckpt={root}/base/export/generator",
+    ],
     "dmd_ratio10": ["dfake_gen_update_ratio=10"],
     "dmd_lr5e-5": ["lr=5e-5"],
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
@@ -92,11 +95,13 @@ def lr_factor(step: int, steps: int, warmup: int, decay: str) -> float:
 def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     """Train one variant in this process and judge it; returns the result row."""
     from model.teacher_regression import TeacherRegression
+    from pipeline import CausalInferencePipeline
     from utils.scheduler import FlowMatchScheduler
-    from wan import CausalWanModel, WanConfig, WanDiffusionWrapper
+    from wan import CausalWanModel, WanDiffusionWrapper
 
     from .codec import WorldCodec
     from .evaluate import evaluate
+    from .network import NETWORK
     from .render import render_prompt, split_prompts
     from .sampling import bidirectional_copy, few_step_samples, ode_samples, x0_rmse
     from .teacher import ExactTeacher
@@ -105,7 +110,7 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     net_changes, train_changes = VARIANTS[name]
     opts = {**TRAIN_DEFAULTS, **train_changes}
     torch.manual_seed(opts["seed"])
-    cfg = WanConfig.preset("world").replace(**{**BEFORE, **net_changes})
+    cfg = NETWORK.replace(**{**BEFORE, **net_changes})
     model = CausalWanModel(cfg, num_frame_per_block=FRAMES)  # one block: bidirectional, as the chain's base
     if opts["pos_init_std"] is not None:
         with torch.no_grad():
@@ -155,7 +160,8 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     }  # fmt: skip
     for split, prompts in (("heldout", heldout), ("train", train[:10])):
         asked = [q for q in prompts for _ in range(eval_samples)]
-        four = few_step_samples(wrapper, steps4, FRAMES, asked, FRAMES)
+        pipe = CausalInferencePipeline(wrapper, wrapper.scheduler, steps4, FRAMES, vae=WorldCodec())
+        four = few_step_samples(pipe, asked, FRAMES)
         ode = ode_samples(bidirectional, SHIFT, asked, FRAMES, 40)
         row[f"{split}_4step"] = evaluate(four, asked).summary()
         row[f"{split}_ode40"] = evaluate(ode, asked).summary()

@@ -28,13 +28,17 @@ class ExactTeacher(nn.Module):
     """(noisy `[B, F, C, h, w]`, t `[B, F]` | `[B]`, context `[B, L, text_dim]`) -> (flow, x0).
 
     Args:
-        text_encoder: the world's encoder; the teacher recognises a prompt by its embedding.
+        text_encoder: the world's encoder (default: `WorldTextEncoder()`, the one the world's configs
+            name); the teacher recognises a prompt by its embedding.
         prompts: the prompts it knows (default: the whole world, held-out prompts included: the
             teacher stands for the true distribution).
     """
 
-    def __init__(self, text_encoder: WorldTextEncoder, prompts: list[Prompt] | None = None) -> None:
+    def __init__(
+        self, text_encoder: WorldTextEncoder | None = None, prompts: list[Prompt] | None = None
+    ) -> None:
         super().__init__()
+        text_encoder = text_encoder if text_encoder is not None else WorldTextEncoder()
         self.prompts = list(prompts) if prompts is not None else all_prompts()
         keys = text_encoder([p.text for p in self.prompts])["prompt_embeds"]
         self.register_buffer("keys", keys.flatten(1), persistent=False)  # [P, text_len*text_dim]

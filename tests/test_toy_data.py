@@ -1,4 +1,4 @@
-"""The README's toy-world data commands, run as written, produce what the tiny configs train on."""
+"""The README's toy-network data commands, run as written, produce what the tiny configs train on."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _toy_commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
-    block = re.search(r"The toy world, end to end.*?```bash\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"The toy networks, end to end.*?```bash\n(.*?)```", text, re.S).group(1)
     return [
         shlex.split(line.split("  #")[0]) for line in block.splitlines() if line and not line.startswith("#")
     ]
