@@ -5,7 +5,8 @@ asked way, as decoded from pixels by the evaluator (which knows nothing of the n
 import pytest
 import torch
 
-from model.build import build_exact_teacher, build_objective_from_config, make_dit, step_list
+from model.build import build_objective_from_config, fixed_real_score, make_dit
+from pipeline.from_config import inference_pipeline
 from utils.config import load_config
 from world.codec import WorldCodec
 from world.evaluate import evaluate
@@ -24,7 +25,7 @@ def test_the_shipped_base_recipe_learns_motion():
     cfg = load_config("configs/world/base.yaml", ["batch_size=16"])
     torch.manual_seed(cfg.seed)
     generator = make_dit(cfg, "generator")
-    teacher = build_exact_teacher(cfg, torch.device("cpu"))
+    teacher = fixed_real_score(cfg, torch.device("cpu"))  # the exact teacher, a component of the config
     objective = build_objective_from_config(cfg, generator, teacher, None, None, torch.float32)
     # One colour and shape moving each way, fast: the only thing the prompts teach is the direction.
     prompts = [Prompt.parse(f"a red square moving {d} fast") for d in DIRECTIONS]
@@ -45,7 +46,16 @@ def test_the_shipped_base_recipe_learns_motion():
         optimizer.step()
 
     asked = [q for q in prompts for _ in range(4)]
-    students = step_list(load_config("configs/world/dmd.yaml"))  # judged with the students' 4 steps
-    samples = few_step_samples(generator.eval(), students, frames, asked, frames)
+    # judged as the chain judges the base: the students' 4-step schedule, one block spanning the clip
+    students = load_config("configs/world/dmd.yaml")
+    steps = ",".join(str(x) for x in students.denoising_step_list)
+    judge = load_config(
+        "configs/world/base.yaml",
+        [
+            f"denoising_step_list=[{steps}]",
+            f"warp_denoising_step={str(students.warp_denoising_step).lower()}",
+        ],
+    )
+    samples = few_step_samples(inference_pipeline(judge, generator.eval(), WorldCodec()), asked, frames)
     summary = evaluate(samples, asked).summary()
     assert summary["direction"] >= 0.9, summary
