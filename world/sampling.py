@@ -56,24 +56,41 @@ def _prompt_embeds(wrapper, prompts: Sequence[Prompt]) -> Tensor:
 @torch.no_grad()
 def few_step_samples(
     wrapper, step_list: Sequence[float], num_frame_per_block: int, prompts: Sequence[Prompt], num_frames: int,
-    context_noise: float = 0.0, seed: int = 0,
+    context_noise: float = 0.0, seed: int = 0, context: Tensor | None = None,
+    independent_first_frame: bool = False,
 ) -> Tensor:  # fmt: skip
     """Pixels `[N, F, 3, 16, 16]` from a generator wrapper with the few-step autoregressive pipeline that
-    `inference.py` uses (a causal model whose one block spans the clip samples it bidirectionally)."""
+    `inference.py` uses (a causal model whose one block spans the clip samples it bidirectionally).
+
+    `context`: given first frames `[N, K, 3, 16, 16]` in [-1, 1] (image-to-video, continuation),
+    encoded with the world codec and cached as clean context (t = 0) as `inference.py --image/--video`
+    does; the videos start with them and `num_frames` counts them (F - K frames are generated, from
+    the same seeded noise rule as without context)."""
     from pipeline import CausalInferencePipeline
 
     pipe = CausalInferencePipeline(
         wrapper, wrapper.scheduler, [s for s in step_list if s > 0], num_frame_per_block,
-        context_noise=context_noise, vae=WorldCodec(),
+        independent_first_frame=independent_first_frame, context_noise=context_noise, vae=WorldCodec(),
     )  # fmt: skip
     c, h, w = wrapper.config.in_dim, *_latent_grid()
-    noise = seeded_noise(len(prompts), num_frames, (c, h, w), seed)
+    given = 0
+    if context is not None:
+        if context.ndim != 5 or context.shape[0] != len(prompts) or not 0 < context.shape[1] < num_frames:
+            raise ValueError(
+                f"few_step_samples: context must be [N={len(prompts)}, K, 3, H, W] with 0 < K < "
+                f"num_frames={num_frames}, got {tuple(context.shape)}"
+            )
+        given = context.shape[1]
+        latents = pipe.vae.encode(context.transpose(1, 2).float())  # [N, K, C, h, w]
+    noise = seeded_noise(len(prompts), num_frames - given, (c, h, w), seed)
     embeds = _prompt_embeds(wrapper, prompts)
     out = []
     for start in range(0, len(prompts), BATCH):
         part = slice(start, start + BATCH)
         g = torch.Generator().manual_seed(seed + start)
-        out.append(pipe.inference(noise[part], {"prompt_embeds": embeds[part]}, generator=g).videos)
+        initial = None if context is None else latents[part]
+        cond = {"prompt_embeds": embeds[part]}
+        out.append(pipe.inference(noise[part], cond, initial_latent=initial, generator=g).videos)
     return torch.cat(out)
 
 
@@ -144,16 +161,17 @@ def bidirectional_copy(wrapper):
 
 def generate(
     run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, overrides: Sequence[str] = (),
-    seed: int = 0,
+    seed: int = 0, context: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """`few_step_samples` of a run's generator, with its config's block size, step list and window
-    (`overrides` change them)."""
+    """`few_step_samples` of a run's generator, with its config's block size, first-frame layout, step
+    list and window (`overrides` change them); `context`: given first frames, as there."""
     from model.build import step_list
 
     cfg, wrapper = load_network(run_dir, config, overrides)
     return few_step_samples(
-        wrapper, step_list(cfg), cfg.num_frame_per_block, prompts, num_frames, cfg.context_noise, seed
-    )
+        wrapper, step_list(cfg), cfg.num_frame_per_block, prompts, num_frames, cfg.context_noise, seed,
+        context, cfg.independent_first_frame,
+    )  # fmt: skip
 
 
 def base_ode_samples(
