@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 import inference
 import train as train_module
 from pipeline.self_forcing_training import SelfForcingTrainingPipeline
+from tests.test_hardening import _one_process  # noqa: F401  (autouse: train.main in this process)
 from utils.config import load_config
 from wan import WanConfig, WanModel
 from wan.weights import write_self_forcing_pt
@@ -33,17 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 I2V = ROOT / "configs" / "world" / "dmd_i2v.yaml"
 PROMPTS = [Prompt.parse("a red square moving left fast"), Prompt.parse("a blue circle moving up slow")]
 WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
-
-
-@pytest.fixture
-def _one_process(monkeypatch):
-    """A run in this process: no torchrun variables; the trainer's signal handlers undone after."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def _first_latent(clip: Clip) -> torch.Tensor:
@@ -61,7 +50,7 @@ def test_i2v_config_is_the_dmd_config_with_the_image_as_its_own_first_block():
         assert getattr(i2v, key) == getattr(t2v, key), key
 
 
-def test_i2v_world_config_trains_two_steps_from_the_clips_first_frames(tmp_path, monkeypatch, _one_process):
+def test_i2v_world_config_trains_two_steps_from_the_clips_first_frames(tmp_path, monkeypatch):
     write_clip_lmdb(tmp_path / "clips", PROMPTS, 12)
     # the LMDB stores latents in float16 (as `scripts/encode_videos.py` does): compare at that precision
     firsts = [_first_latent(Clip(q, s)).half().float() for q in PROMPTS for s in range(3)]

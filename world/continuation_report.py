@@ -148,8 +148,11 @@ def continuation_section(
     metrics: Path, samples: Path | None, label: Callable[[str], str], root: Path, fig_dir: Path
 ) -> list[str]:
     """Markdown lines of the continuation section (and its figures under `fig_dir`)."""
+    lines = ["## Continuation (held-out prompts): given a real clip's first frames, go on", ""]
+    if not Path(metrics).is_file():  # an eval stage finished before continuation was evaluated
+        return [*lines, f"No results: {metrics} is missing (delete the eval stage's folder to rerun it).", ""]
     results = json.loads(Path(metrics).read_text())
-    lines = ["## Continuation (held-out prompts): given a real clip's first frames, go on", "", *_guide()]
+    lines += _guide()
     lines += _targets(results, label)
     lines += _tables(results, label)
     if samples is not None and Path(samples).is_file():
