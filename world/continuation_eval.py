@@ -14,8 +14,8 @@ Settings (`SETTINGS`), each counted in GENERATED frames after the given ones:
 * `first_frame`: one frame (an image) + 12 frames: image-to-video, the I2V student's training layout
   (1 + 4 blocks of 3) and the T2V Self-Forcing DMD student given the same image.
 
-Clips and noise follow the T2V evaluation's rules: sample i of a prompt continues the clip with shade
-`i % 3` (uniform shades, as the data) and starts from the noise seeded by (seed, i) of the whole call.
+Noise follows the T2V evaluation's rule: sample i of the whole call starts from the noise seeded by
+(seed, i). Sample i of prompt j continues the clip with shade `(j + i) % 3` (balanced shades).
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ SETTINGS = {
 
 
 def continuation_clips(prompts: Sequence[Prompt], samples: int) -> list[Clip]:
-    """`samples` clips per prompt, prompt by prompt: sample i has shade `i % 3` (the T2V evaluation's
-    data row draws the same clips)."""
-    return [Clip(q, i % len(SHADES)) for q in prompts for i in range(samples)]
+    """`samples` clips per prompt, prompt by prompt: sample i of prompt j has shade `(j + i) % 3`, so
+    the shades stay balanced over the prompts even with fewer than 3 samples per prompt (a model that
+    always draws one shade must not look right)."""
+    return [Clip(q, (j + i) % len(SHADES)) for j, q in enumerate(prompts) for i in range(samples)]
 
 
 def window_overrides(config: Path, num_frames: int, window: Sequence[str]) -> tuple[str, ...]:
@@ -118,8 +119,7 @@ def summarise(cont: Continuation) -> dict:
 
 
 def _strip_rows(prompts: Sequence[Prompt], samples: int) -> list[int]:
-    """Which sample to show for each of the first prompts: sample `j % samples` of prompt j, so the
-    strips show different shades."""
+    """Which sample to show for each of the first prompts: sample `j % samples` of prompt j."""
     return [j * samples + j % samples for j in range(min(STRIP_PROMPTS, len(prompts)))]
 
 
@@ -146,14 +146,14 @@ def run_continuation_eval(
                 "generated_frames": s.generated_frames,
             }
             for s in used
-        },  # fmt: skip
+        },
         "data": {},
     }
     samples: dict[str, dict] = {}
     for setting in used:
         n = long_samples if setting.long else eval_samples
         clips = continuation_clips(prompts, n)
-        truth = torch.stack([context_frames([c], setting.num_frames)[0] for c in clips])
+        truth = context_frames(clips, setting.num_frames)  # the real clips, whole
         results["data"][setting.name] = summarise(
             evaluate_continuation(truth, clips, setting.num_context_frames, SEGMENT_FRAMES)
         )

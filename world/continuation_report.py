@@ -41,7 +41,7 @@ def _guide() -> list[str]:
     return [
         "Every student (the T2V ones too) is given the first frames of a real held-out clip, caches them",
         "as clean context (t = 0, as `inference.py --image / --video` does) and rolls out with its own",
-        "4-step pipeline; sample i of a prompt continues the clip with shade i mod 3, from the T2V",
+        "4-step pipeline; sample i of prompt j continues the clip with shade (i + j) mod 3, from the T2V",
         "evaluation's seeded noise. *Accuracy*: the share of samples whose every generated frame is within",
         f"RMSE {CONTINUATION_RMSE} of the same frame of the true clip; *shade kept*: the share whose",
         "generated frames mostly show the given frames' background shade (a model that ignores them keeps",
