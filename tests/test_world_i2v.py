@@ -24,6 +24,7 @@ from tests.test_hardening import _one_process  # noqa: F401  (autouse: train.mai
 from utils.config import load_config
 from wan import WanConfig, WanModel
 from wan.weights import write_self_forcing_pt
+from world.chain import LONG_WINDOW
 from world.continuation import evaluate_continuation
 from world.continuation_eval import SETTINGS, continuation_clips, run_continuation_eval, summarise
 from world.data import write_clip_lmdb
@@ -32,7 +33,7 @@ from world.render import Clip, Prompt, render
 ROOT = Path(__file__).resolve().parents[1]
 I2V = ROOT / "configs" / "world" / "dmd_i2v.yaml"
 PROMPTS = [Prompt.parse("a red square moving left fast"), Prompt.parse("a blue circle moving up slow")]
-WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
+WINDOW = LONG_WINDOW  # the chain's window past the training length
 
 
 def _first_latent(clip: Clip) -> torch.Tensor:
