@@ -29,10 +29,21 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
     first = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     smoke = PROFILES["smoke"]
-    stages = ["data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *smoke.baselines, "eval"]
+    assert smoke.i2v
+    stages = [
+        "data",
+        "base",
+        "base_eval",
+        "ode_pairs",
+        "ode",
+        "sf_dmd",
+        "sf_dmd_i2v",
+        *smoke.baselines,
+        "eval",
+    ]
     for stage in stages:
         assert (out / stage / "DONE.json").is_file(), stage
-    for stage in ["base", "ode", "sf_dmd", *smoke.baselines]:
+    for stage in ["base", "ode", "sf_dmd", "sf_dmd_i2v", *smoke.baselines]:
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["step"] > 0 and (out / stage / "export" / "generator").is_dir(), stage
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -43,6 +54,18 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
     # the data row is the world itself: a perfect score (the evaluator is tested on its own)
     assert metrics["data"]["heldout"]["summary"]["all_attributes"] == 1.0
     assert len(metrics["sf_dmd"]["heldout_long"]["segments"]) == 3
+    # continuation: every student from the first block, SF-DMD and the I2V student from the first frame
+    cont = json.loads((out / "eval" / "continuation.json").read_text())
+    assert set(cont) == {"settings", "data", *STUDENTS, "sf_dmd_i2v"}
+    assert set(cont["sf_dmd_i2v"]) == {"first_frame"}
+    assert set(cont["sf_dmd"]) == {"first_block", "first_block_long", "first_frame"}
+    assert set(cont["ode"]) == {"first_block", "first_block_long"}
+    assert len(cont["sf_dmd"]["first_block_long"]["segments"]) == 3
+    assert cont["data"]["first_block"]["summary"]["accuracy"] == 1.0  # the truth continues itself
+    for method in (*STUDENTS, "sf_dmd_i2v"):
+        for part in cont[method].values():  # the lossless codec gives the given frames back unchanged
+            assert part["summary"]["context_rmse"] == 0.0
+            assert part["summary"]["n"] in (10 * smoke.eval_samples, 10 * smoke.long_samples)  # 10 held out
     report = (out / "report.md").read_text()
     for needle in (
         "## Base model",
@@ -51,9 +74,13 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
         "CausVid",
         "figures/losses.png",
         "figures/segments.png",
+        "## Continuation (held-out prompts)",
+        "### Targets (Self-Forcing DMD, image-to-video, given the first frame, 12 generated frames)",
+        "figures/continuation_first_frame_0.png",
     ):
         assert needle in report
     assert (out / "figures" / "0_sf_dmd.mp4").stat().st_size > 0
+    assert (out / "figures" / "continuation_first_block_long_0.mp4").stat().st_size > 0
     # a second run skips everything that is done
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

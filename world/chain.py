@@ -10,10 +10,13 @@ command runs again, an interrupted one resumes from its last checkpoint):
 2. ode_pairs   exact-teacher ODE trajectories (scripts/generate_ode_pairs.py --weights exact)
 3. ode         ODE-regression initialisation of the causal student (train.py, ode)
 4. sf_dmd      Self-Forcing DMD from the ODE init (train.py, dmd)
+   sf_dmd_i2v  the same, image-to-video: every rollout starts from a training clip's first frame
+               (full and smoke profiles)
 5. baselines   from the same ODE init, the same generator updates: DMD on teacher-forced and on
                diffusion-forced inputs (causvid), Self-Forcing with SiD and with the GAN loss
 6. eval        every student with the same 4-step autoregressive inference, at the training length and
-               at 3x with a rolling KV window, judged by world.evaluate
+               at 3x with a rolling KV window, judged by world.evaluate; then every student (and the
+               I2V one) continuing real held-out clips, judged by world.continuation
 7. report      report.md, plots, sample strips and mp4s
 
 Every training stage is `torchrun ... train.py --config configs/world/<stage>.yaml`, exactly what a GPU
@@ -47,6 +50,7 @@ LABELS = {
     "dmd_diffusion_forcing": "DMD, diffusion forcing (CausVid)",
     "sf_sid": "Self-Forcing SiD",
     "sf_gan": "Self-Forcing GAN",
+    "sf_dmd_i2v": "Self-Forcing DMD, image-to-video",
 }
 CONFIG_OF = {
     "base": "base",
@@ -56,6 +60,7 @@ CONFIG_OF = {
     "dmd_diffusion_forcing": "dmd_diffusion_forcing",
     "sf_sid": "sid",
     "sf_gan": "gan",
+    "sf_dmd_i2v": "dmd_i2v",
 }
 
 
@@ -73,6 +78,7 @@ class Profile:
     eval_train_prompts: int  # training prompts evaluated (the same samples per prompt)
     long_samples: int  # 36-frame rollouts per held-out prompt
     ode_sampler_steps: int = 48
+    i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v
     nproc: int = 1
     overrides: dict[str, list[str]] = field(default_factory=dict)
 
@@ -81,7 +87,7 @@ PROFILES = {
     "smoke": Profile(
         "smoke", base_steps=20, pairs_per_prompt=1, ode_steps=10, distill_steps=10,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
-        eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8,
+        eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8, i2v=True,
     ),
     "quick": Profile(
         "quick", base_steps=760, pairs_per_prompt=8, ode_steps=300, distill_steps=250,
@@ -91,7 +97,7 @@ PROFILES = {
     "full": Profile(
         "full", base_steps=2000, pairs_per_prompt=38, ode_steps=1000, distill_steps=800,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
-        eval_samples=16, eval_train_prompts=8, long_samples=6,
+        eval_samples=16, eval_train_prompts=8, long_samples=6, i2v=True,
     ),
 }  # fmt: skip
 
@@ -274,6 +280,9 @@ class Chain:
         self.train(
             "sf_dmd", "Self-Forcing DMD from the ODE init", [paths["prompts"], *from_ode], p.distill_steps
         )
+        if p.i2v:  # same init, critic and steps; the clips' first frames as images
+            self.train("sf_dmd_i2v", f"{LABELS['sf_dmd_i2v']} from the ODE init", [paths["clips"], *from_ode],
+                       p.distill_steps)  # fmt: skip
         data_of = {
             "dmd_teacher_forcing": "clips",
             "dmd_diffusion_forcing": "clips",
@@ -291,15 +300,17 @@ class Chain:
         )
         from .report import ReportInputs, write_report
 
-        stages = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *p.baselines, "eval")
+        i2v = ("sf_dmd_i2v",) if p.i2v else ()
+        stages = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *i2v, *p.baselines, "eval")
         write_report(
             ReportInputs(
                 root=self.root, profile=p.name, machine=self.machine(),
                 metrics=self.stage_dir("eval") / "metrics.json", samples=self.stage_dir("eval") / "samples.pt",
                 students=self.students(), heldout_prompts=self.eval_prompts()["heldout"],
                 stage_times={s: self.wall_time(s) for s in stages},
-                loss_logs={s: self.stage_dir(s) / "metrics.jsonl" for s in ("base", "ode", "sf_dmd", *p.baselines)},
-                labels=LABELS,
+                loss_logs={s: self.stage_dir(s) / "metrics.jsonl" for s in ("base", "ode", "sf_dmd", *i2v, *p.baselines)},
+                labels=LABELS, continuation=self.stage_dir("eval") / "continuation.json",
+                continuation_samples=self.stage_dir("eval") / "continuation_samples.pt",
             )
         )  # fmt: skip
         _say(f"[report] {self.root / 'report.md'}")
@@ -389,6 +400,21 @@ class Chain:
         out = self.stage_dir("eval")
         (out / "metrics.json").write_text(json.dumps(results, indent=1))
         torch.save(videos_out, out / "samples.pt")
+        self.evaluate_continuation()
+
+    def evaluate_continuation(self) -> None:
+        """Every student continues real held-out clips from their first block (12 and 36 generated
+        frames); Self-Forcing DMD and the I2V student from their first frame (image-to-video)."""
+        from .continuation_eval import run_continuation_eval
+
+        p = self.profile
+        runs = {s: self.stage_dir(s) for s in (*self.students(), *(("sf_dmd_i2v",) if p.i2v else ()))}
+        settings = {s: ["first_block", "first_block_long"] for s in self.students()}
+        settings["sf_dmd"].append("first_frame")
+        if p.i2v:  # blocks of [1, 3, 3, ...]: it takes one given frame, the image
+            settings["sf_dmd_i2v"] = ["first_frame"]
+        run_continuation_eval(runs, settings, self.eval_prompts()["heldout"], p.eval_samples, p.long_samples,
+                              LONG_WINDOW, self.stage_dir("eval"), say=_say)  # fmt: skip
 
     @staticmethod
     def long_window(run: Path, frames: int) -> tuple[str, ...]:

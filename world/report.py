@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import figures
+from .continuation_report import continuation_section
 from .evaluate import JUMP_SLACK, MAX_SPEED, MISSING_DISTANCE, PRECISION_RMSE, SIZE_TOLERANCE, format_table
 from .render import Prompt, render_prompt
 from .stats import beats
@@ -63,6 +64,8 @@ class ReportInputs:
     stage_times: Mapping[str, float | None]  # wall seconds of every stage in run order; None: not run
     loss_logs: Mapping[str, Path]  # training stage -> its metrics.jsonl
     labels: Mapping[str, str] = field(default_factory=dict)  # method -> display name
+    continuation: Path | None = None  # continuation.json of world.continuation_eval (None: no section)
+    continuation_samples: Path | None = None  # its continuation_samples.pt (strips and mp4s)
 
     def label(self, method: str) -> str:
         return self.labels.get(method, DEFAULT_LABELS.get(method, method))
@@ -304,6 +307,10 @@ def write_report(inputs: ReportInputs) -> Path:
         if table:
             lines += [f"## {title}", "", format_table(table, columns=COLUMNS, digits=2, intervals=True), ""]
     lines += _segment_tables(metrics, methods, inputs)
+    if inputs.continuation is not None:
+        lines += continuation_section(
+            inputs.continuation, inputs.continuation_samples, inputs.label, root, fig_dir
+        )
     lines += _figures(metrics, methods, inputs, fig_dir)
     lines += _sample_strips(inputs, fig_dir)
     out = root / "report.md"

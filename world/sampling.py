@@ -84,18 +84,36 @@ def _prompt_embeds(wrapper, prompts: Sequence[Prompt]) -> Tensor:
 
 
 @torch.no_grad()
-def few_step_samples(pipe, prompts: Sequence[Prompt], num_frames: int, seed: int = 0) -> Tensor:
+def few_step_samples(
+    pipe, prompts: Sequence[Prompt], num_frames: int, seed: int = 0, context: Tensor | None = None
+) -> Tensor:
     """Pixels `[N, F, 3, 16, 16]` from a few-step autoregressive pipeline whose vae is the world's
-    codec (a causal model whose one block spans the clip samples it bidirectionally)."""
+    codec (a causal model whose one block spans the clip samples it bidirectionally).
+
+    `context`: given first frames `[N, K, 3, 16, 16]` in [-1, 1] (image-to-video, continuation),
+    encoded with the world codec and cached as clean context (t = 0) as `inference.py --image/--video`
+    does; the videos start with them and `num_frames` counts them (F - K frames are generated, from
+    the same seeded noise rule as without context)."""
     wrapper = pipe.generator
     c, h, w = wrapper.config.in_dim, *_latent_grid()
-    noise = seeded_noise(len(prompts), num_frames, (c, h, w), seed)
+    given = 0
+    if context is not None:
+        if context.ndim != 5 or context.shape[0] != len(prompts) or not 0 < context.shape[1] < num_frames:
+            raise ValueError(
+                f"few_step_samples: context must be [N={len(prompts)}, K, 3, H, W] with 0 < K < "
+                f"num_frames={num_frames}, got {tuple(context.shape)}"
+            )
+        given = context.shape[1]
+        latents = pipe.vae.encode(context.transpose(1, 2).float())  # [N, K, C, h, w]
+    noise = seeded_noise(len(prompts), num_frames - given, (c, h, w), seed)
     embeds = _prompt_embeds(wrapper, prompts)
     out = []
     for start in range(0, len(prompts), BATCH):
         part = slice(start, start + BATCH)
         g = torch.Generator().manual_seed(seed + start)
-        out.append(pipe.inference(noise[part], {"prompt_embeds": embeds[part]}, generator=g).videos)
+        initial = None if context is None else latents[part]
+        cond = {"prompt_embeds": embeds[part]}
+        out.append(pipe.inference(noise[part], cond, initial_latent=initial, generator=g).videos)
     return torch.cat(out)
 
 
@@ -166,15 +184,16 @@ def bidirectional_copy(wrapper):
 
 def generate(
     run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, overrides: Sequence[str] = (),
-    seed: int = 0,
+    seed: int = 0, context: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """`few_step_samples` of a run's generator through the pipeline `inference.py` builds from the
-    run's config (block size, step list, first-frame layout, window; `overrides` change them)."""
+    run's config (block size, step list, first-frame layout, window; `overrides` change them);
+    `context`: given first frames, as there."""
     from pipeline.from_config import inference_pipeline
 
     cfg, wrapper = load_network(run_dir, config, overrides)
     pipe = inference_pipeline(cfg, wrapper, WorldCodec(), num_max_frames=num_frames)
-    return few_step_samples(pipe, prompts, num_frames, seed)
+    return few_step_samples(pipe, prompts, num_frames, seed, context)
 
 
 def base_ode_samples(

@@ -35,6 +35,8 @@ HIGHER_IS_BETTER = frozenset(
         "precision",
         "shades_hit",
         "all_shades_hit",
+        "accuracy",  # continuation accuracy (world.continuation)
+        "shade_kept",
     }
 )
 LOWER_IS_BETTER = frozenset({"rmse", "trajectory_error", "shade_tv"})
