@@ -296,7 +296,7 @@ def test_exported_adapters_load_into_diffusers_and_peft(tmp_path):
 @pytest.mark.slow
 def test_export_of_a_lora_run_matches_diffusers_and_inference_merged_equals_unmerged(dmd_run, tmp_path):
     import inference
-    from pipeline import CausalInferencePipeline
+    from pipeline.from_config import inference_pipeline
     from scripts.export_checkpoint import export
     from utils.config import load_config
     from wan.weights import read_self_forcing_pt
@@ -330,9 +330,7 @@ def test_export_of_a_lora_run_matches_diffusers_and_inference_merged_equals_unme
         gen.model.load_state_dict(toy_dit_state_dict(TINY))
         inference.apply_lora(gen.model, str(out / "generator_lora"), scale=0.7, merge=merge)
         gen.eval().requires_grad_(False)
-        pipe = CausalInferencePipeline(
-            gen, gen.scheduler, [s for s in inference.step_list(cfg) if s > 0], cfg.num_frame_per_block
-        )
+        pipe = inference_pipeline(cfg, gen)  # the construction inference.py uses
         noise = torch.randn(1, 6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
         cond = {"prompt_embeds": torch.randn(1, 8, TINY.text_dim, generator=torch.Generator().manual_seed(1))}
         with torch.no_grad():
