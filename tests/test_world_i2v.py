@@ -22,12 +22,13 @@ import train as train_module
 from pipeline.self_forcing_training import SelfForcingTrainingPipeline
 from tests.test_hardening import _one_process  # noqa: F401  (autouse: train.main in this process)
 from utils.config import load_config
-from wan import WanConfig, WanModel
+from wan import WanModel
 from wan.weights import write_self_forcing_pt
 from world.chain import LONG_WINDOW
 from world.continuation import evaluate_continuation
 from world.continuation_eval import SETTINGS, continuation_clips, run_continuation_eval, summarise
 from world.data import write_clip_lmdb
+from world.network import NETWORK
 from world.render import Clip, Prompt, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def _world_run(tmp_path: Path) -> Path:
     """A world T2V student 'run': its config.yaml (4-step schedule shrunk to one step, see below) and
     random non-zero-gated weights as an upstream-format .pt, which inference.py reads too."""
     g = torch.Generator().manual_seed(7)
-    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in WanModel(WanConfig.preset("world")).state_dict().items()}  # fmt: skip
+    sd = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in WanModel(NETWORK).state_dict().items()}  # fmt: skip
     run = tmp_path / "student"
     run.mkdir()
     write_self_forcing_pt(run / "weights.pt", generator=sd)
