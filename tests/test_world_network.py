@@ -64,13 +64,13 @@ def test_zero_init_gates_make_every_block_the_identity():
     ) and math.isclose(WORLD.qk_norm_init, 2.0)
 
 
-@pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
-def test_world_causal_cache_equals_training_path(local, sink):
-    model = randomize_(CausalWanModel(WORLD, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
-    g = torch.Generator().manual_seed(0)
+def _cache_equals_training_path(cfg: WanConfig, local: int, sink: int, seed: int) -> None:
+    """Block by block through the KV/cross-attention caches == one block-masked training-path call."""
+    model = randomize_(CausalWanModel(cfg, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 48, 12, 4, 4, generator=g)
     t = torch.rand(2, 12, generator=g) * 1000
-    c = torch.randn(2, 6, WORLD.text_dim, generator=g)
+    c = torch.randn(2, 6, cfg.text_dim, generator=g)
     kv = KVCache.for_model(model, 2, (4, 4), 12)
     xc = CrossAttentionCache.for_model(model)
     with torch.no_grad():
@@ -82,6 +82,11 @@ def test_world_causal_cache_equals_training_path(local, sink):
             for s in range(0, 12, 3)
         ]
     assert (full - torch.cat(blocks, dim=2)).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())
+
+
+@pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
+def test_world_causal_cache_equals_training_path(local, sink):
+    _cache_equals_training_path(WORLD, local, sink, seed=0)
 
 
 def test_world_rollout_runs_past_the_position_table():
@@ -162,23 +167,9 @@ def test_text_time_embedding_adds_the_pooled_prompt_to_the_time_embedding():
 
 @pytest.mark.parametrize("local, sink", [(-1, 0), (6, 3)])
 def test_sincos_text_time_x0_causal_cache_equals_training_path(local, sink):
-    cfg = SINCOS.replace(text_time_embedding=True, predict_x0=True)
-    model = randomize_(CausalWanModel(cfg, num_frame_per_block=3, local_attn_size=local, sink_size=sink))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 48, 12, 4, 4, generator=g)
-    t = torch.rand(2, 12, generator=g) * 1000
-    c = torch.randn(2, 6, cfg.text_dim, generator=g)
-    kv = KVCache.for_model(model, 2, (4, 4), 12)
-    xc = CrossAttentionCache.for_model(model)
-    with torch.no_grad():
-        full = model(x, t, c)
-        blocks = [
-            model(
-                x[:, :, s : s + 3], t[:, s : s + 3], c, kv_cache=kv, crossattn_cache=xc, current_start_frame=s
-            )
-            for s in range(0, 12, 3)
-        ]
-    assert (full - torch.cat(blocks, dim=2)).abs().max() <= 1e-5 * max(1.0, full.abs().max().item())
+    _cache_equals_training_path(
+        SINCOS.replace(text_time_embedding=True, predict_x0=True), local, sink, seed=1
+    )
 
 
 def test_predict_x0_returns_the_flow_whose_x0_is_the_head_output():
