@@ -418,13 +418,10 @@ class Chain:
 
     @staticmethod
     def long_window(run: Path, frames: int) -> tuple[str, ...]:
-        """Overrides for a rollout of `frames`: past the training length a student without a window of
-        its own rolls out with LONG_WINDOW; one trained with a window keeps it."""
-        from .sampling import load_run_config
+        """Overrides for a rollout of `frames`: LONG_WINDOW past the training length (see window_overrides)."""
+        from .continuation_eval import window_overrides
 
-        if frames <= TRAIN_FRAMES or load_run_config(run / "config.yaml").model_kwargs.local_attn_size != -1:
-            return ()
-        return LONG_WINDOW
+        return window_overrides(run / "config.yaml", frames, LONG_WINDOW)
 
     def machine(self) -> str:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {self.profile.nproc} process(es)"

@@ -74,10 +74,11 @@ def continuation_clips(prompts: Sequence[Prompt], samples: int) -> list[Clip]:
 
 
 def window_overrides(config: Path, num_frames: int, window: Sequence[str]) -> tuple[str, ...]:
-    """`window` for a rollout past the run's training length when the run has no window of its own."""
-    from utils.config import load_config
+    """`window` for a rollout past the run's training length when the run has no window of its own (a
+    run trained with a window keeps it)."""
+    from .sampling import load_run_config
 
-    cfg = load_config(str(config))
+    cfg = load_run_config(config)
     if num_frames <= cfg.num_training_frames or cfg.model_kwargs.local_attn_size != -1:
         return ()
     return tuple(window)
