@@ -136,6 +136,33 @@ def test_sincos_positions_are_fixed_features_of_one_axis_each():
     assert torch.cdist(flat, flat).add(torch.eye(len(flat), dtype=torch.float64)).min() > 0.1
 
 
+def test_extrapolated_sincos_frames_past_the_table_get_their_own_formula_rows():
+    n = SINCOS.pos_embed_frames
+    clamped = WanModel(SINCOS).pos_embedding((n + 4, 4, 4), start_frame=0).view(n + 4, 16, -1).double()
+    model = WanModel(SINCOS.replace(pos_embed_extrapolate=True))
+    assert not any("pos_embedding" in k for k in model.state_dict())  # checkpoints load either way
+    emb = model.pos_embedding((n + 4, 4, 4), start_frame=0).view(n + 4, 16, -1).double()
+    assert torch.equal(emb[:n], clamped[:n])  # the table's own rows are unchanged
+    # frame channels: those that move along the frame axis within the table
+    channels = ((clamped[:n] - clamped[:n].mean(0)).abs().amax(dim=(0, 1)) > 1e-9).nonzero().flatten()
+    half = len(channels) // 2
+    periods = [3.0 * (4.0 * n / 3.0) ** (i / (half - 1)) for i in range(half)]  # still fixed by the table (n)
+    for f in range(n, n + 4):
+        want = [math.sin(2 * math.pi * f / T) for T in periods] + [
+            math.cos(2 * math.pi * f / T) for T in periods
+        ]
+        assert torch.allclose(emb[f, 0, channels], torch.tensor(want, dtype=torch.float64), atol=1e-6)
+        # row/column channels are the same as in every other frame; frames stay apart
+        others = torch.ones(emb.shape[-1], dtype=torch.bool)
+        others[channels] = False
+        assert torch.equal(emb[f][:, others], emb[0][:, others])
+        assert (emb[f] - emb[f - 1]).abs().max() > 0.1
+    # the same rows whatever the call's first frame (the cached rollout asks block by block)
+    assert torch.equal(model.pos_embedding((3, 4, 4), start_frame=n).view(3, 16, -1).double(), emb[n : n + 3])
+    with pytest.raises(ValueError, match="pos_embed_extrapolate needs pos_embed_type='sincos'"):
+        SINCOS.replace(pos_embed_type="learned", pos_embed_extrapolate=True)
+
+
 def test_text_time_embedding_adds_the_pooled_prompt_to_the_time_embedding():
     cfg = SINCOS.replace(text_time_embedding=True)
     for name in ("wan2.1-t2v-1.3b", "tiny"):

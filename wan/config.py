@@ -40,6 +40,11 @@ class WanConfig:
     # each axis (DiT-style, no parameters), at the scale of the patch tokens from the first step, so
     # the network can place things by position without first having to grow its position rows.
     pos_embed_type: str = "learned"
+    # "sincos" only: frames past the table get sin/cos rows of their own (periods still fixed by
+    # pos_embed_frames, so rows 0..pos_embed_frames-1 are unchanged) instead of sharing the last row. For
+    # a run that trains past the base's length (the world's I2V layout: 1 + 12 frames on a 12-frame
+    # base), so its last frames stay apart.
+    pos_embed_extrapolate: bool = False
     # Add an embedding of the pooled prompt to the time embedding, so the prompt also reaches every
     # block through the adaLN modulation (not only through cross-attention).
     text_time_embedding: bool = False
@@ -65,6 +70,11 @@ class WanConfig:
         if self.pos_embed_type not in ("learned", "sincos"):
             raise ValueError(
                 f"WanConfig: pos_embed_type must be 'learned' or 'sincos', got {self.pos_embed_type!r}"
+            )
+        if self.pos_embed_extrapolate and self.pos_embed_type != "sincos":
+            raise ValueError(
+                "WanConfig: pos_embed_extrapolate needs pos_embed_type='sincos' (a learned table has no "
+                "rows past its end)"
             )
 
     @property

@@ -303,15 +303,16 @@ class Head(nn.Module):
         return self.head(h.type_as(x))
 
 
-def sincos_features(num_positions: int, dim: int) -> torch.Tensor:
+def sincos_features(num_positions: int, dim: int, table_size: int | None = None) -> torch.Tensor:
     """Fixed features `[num_positions, dim]` of integer positions 0..n-1: `[sin(2 pi p / T_i), cos(...)]`
-    for dim/2 periods T_i spaced geometrically from 3 to 4n: the shortest tells neighbours apart (a
-    period of 2 would make its sine vanish at every integer), the longest never wraps over the n
-    positions (computed in float64)."""
+    for dim/2 periods T_i spaced geometrically from 3 to 4m (m = `table_size`, default n): the shortest
+    tells neighbours apart (a period of 2 would make its sine vanish at every integer), the longest
+    never wraps over the table's m positions (computed in float64)."""
     if dim % 2:
         raise ValueError(f"sincos_features: dim must be even, got {dim}")
     half = dim // 2
-    periods = torch.logspace(math.log10(3.0), math.log10(4.0 * num_positions), half, dtype=torch.float64)
+    span = num_positions if table_size is None else table_size
+    periods = torch.logspace(math.log10(3.0), math.log10(4.0 * span), half, dtype=torch.float64)
     angles = torch.arange(num_positions, dtype=torch.float64)[:, None] * (2 * math.pi / periods)[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
@@ -331,13 +332,15 @@ class PositionEmbedding(nn.Module):
     side by side in disjoint channels (zero elsewhere), so the sum is their concatenation.
     Frame rows are clamped: frame f >= pos_embed_frames - 1 uses the last row. Training on clips longer
     than the table therefore trains the last row at every later position, and a rollout past the
-    training length sees nothing new; relative order comes from RoPE.
+    training length sees nothing new; relative order comes from RoPE. `sincos` with
+    `pos_embed_extrapolate` gives every frame its own row instead.
     """
 
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
         gh, gw = cfg.pos_embed_grid
         self.kind = cfg.pos_embed_type
+        self.extrapolate = cfg.pos_embed_extrapolate
         if self.kind == "learned":
             self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
             self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
@@ -364,6 +367,18 @@ class PositionEmbedding(nn.Module):
                 for name, table in zip(("frame", "height", "width"), self._sincos_tables(), strict=True):
                     getattr(self, name).copy_(table)
 
+    def _frame_rows(self, start_frame: int, num_frames: int) -> torch.Tensor:
+        """`[num_frames, dim]` rows of frames `start_frame, ...`: clamped at the table's last row, or with
+        `extrapolate` the sin/cos features of every frame (periods fixed by the table's size)."""
+        table, stop = self.frame, start_frame + num_frames
+        if self.extrapolate and stop > table.shape[0]:
+            frames, _, _, dim = self._sizes
+            df = sincos_axis_dims(dim)[0]
+            table = torch.zeros(stop, dim, device=table.device, dtype=table.dtype)
+            table[:, :df] = sincos_features(stop, df, table_size=frames).to(table)
+        rows = torch.arange(start_frame, stop, device=table.device).clamp(max=table.shape[0] - 1)
+        return table[rows]
+
     def forward(self, grid: tuple[int, int, int], start_frame: int) -> torch.Tensor:
         """`[F*H*W, dim]` for a token grid (F, H, W) whose first frame has absolute index `start_frame`."""
         f, h, w = grid
@@ -372,10 +387,8 @@ class PositionEmbedding(nn.Module):
                 f"position embedding was built for a {self.height.shape[0]}x{self.width.shape[0]} token grid, "
                 f"input has {h}x{w}"
             )
-        rows = torch.arange(start_frame, start_frame + f, device=self.frame.device).clamp(
-            max=self.frame.shape[0] - 1
-        )
-        emb = self.frame[rows][:, None, None] + self.height[None, :, None] + self.width[None, None, :]
+        frame = self._frame_rows(start_frame, f)
+        emb = frame[:, None, None] + self.height[None, :, None] + self.width[None, None, :]
         return emb.reshape(f * h * w, -1)
 
 

@@ -8,7 +8,8 @@ against the true clip (continuation accuracy and shade kept, per segment of 12 g
 
 Settings (`SETTINGS`), each counted in GENERATED frames after the given ones:
 
-* `first_block`: the first block (3 latent frames, the students' `num_frame_per_block`) + 12 frames;
+* `first_block`: the first block (3 latent frames, the students' `num_frame_per_block`) + 9 frames, to
+  the students' training length (12): continuation where every frame has been trained;
 * `first_block_long`: the first block + 36 frames (3 segments of 12), the long-rollout rule of the
   T2V evaluation (a rolling KV window, whose sink is the given block, past the training length);
 * `first_frame`: one frame (an image) + 12 frames: image-to-video, the I2V student's training layout
@@ -57,7 +58,7 @@ class Setting:
 SETTINGS = {
     s.name: s
     for s in (
-        Setting("first_block", "given the first block (3 frames), 12 generated frames", 3, 12),
+        Setting("first_block", "given the first block (3 frames), 9 generated frames (to 12)", 3, 9),
         Setting(
             "first_block_long", "given the first block (3 frames), 36 generated frames", 3, 36, long=True
         ),
