@@ -42,7 +42,7 @@ class WanConfig:
     pos_embed_type: str = "learned"
     # "sincos" only: frames past the table get sin/cos rows of their own (periods still fixed by
     # pos_embed_frames, so rows 0..pos_embed_frames-1 are unchanged) instead of sharing the last row. For
-    # a run that trains past the base's length (the world's I2V layout: 1 + 12 frames on a 12-frame
+    # a run that trains past its base's length (an image-to-video layout of 1 + 12 frames on a 12-frame
     # base), so its last frames stay apart.
     pos_embed_extrapolate: bool = False
     # Add an embedding of the pooled prompt to the time embedding, so the prompt also reaches every
