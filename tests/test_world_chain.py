@@ -86,11 +86,11 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped") == len(stages)
     # the distillation sweep runs a DMD variant from this chain and prints its row
-    sweep = [sys.executable, "-m", "world.sweep", "--distill", str(out), "--variants", "dmd_critic_from_ode",
+    sweep = [sys.executable, "-m", "world.sweep", "--distill", str(out), "--variants", "dmd_critic_from_base",
              "--steps", "2", "--eval_samples", "1", "--results", str(tmp_path / "distill.jsonl")]  # fmt: skip
     done = subprocess.run(sweep, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| dmd_critic_from_ode | 2 |" in done.stdout
+    assert "| dmd_critic_from_base | 2 |" in done.stdout
 
 
 def test_world_configs_load():

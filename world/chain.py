@@ -276,7 +276,10 @@ class Chain:
             "ode", "ODE initialisation of the causal student from the base",
             [f"data_path={self.stage_dir('ode_pairs')}", f"generator_ckpt={paths['base']}"], p.ode_steps,
         )  # fmt: skip
-        from_ode = [f"generator_ckpt={paths['ode']}", f"fake_score_ckpt={paths['base']}"]
+        # Generator and critic both start from the ODE init: at 800 steps a critic started from the base
+        # let Self-Forcing DMD collapse onto one shade (157/2/1), one started from the ODE init did not
+        # (40/10/30; README, "Distillation knobs"). Every distillation run gets the same critic.
+        from_ode = [f"generator_ckpt={paths['ode']}", f"fake_score_ckpt={paths['ode']}"]
         self.train(
             "sf_dmd", "Self-Forcing DMD from the ODE init", [paths["prompts"], *from_ode], p.distill_steps
         )
@@ -327,7 +330,7 @@ class Chain:
 
     def evaluate_base(self) -> None:
         """The base model's own quality: every later stage inherits it (the ODE pairs' student starts
-        from it, the critics of every distillation run too)."""
+        from it)."""
         from .evaluate import evaluate
         from .sampling import base_ode_samples, base_x0_rmse, generate
 

@@ -13,10 +13,10 @@ Variants run in their own processes (`--jobs` at a time, one thread each); resul
 `--results` (JSONL) so a sweep can be extended run by run and the table reprinted at any time.
 
 `--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (`train.py` with
-`configs/world/dmd.yaml` and the variant's overrides) from the ODE init and base of a finished chain
-under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
+`configs/world/dmd.yaml` and the variant's overrides; generator and critic from the ODE init) of a
+finished chain under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
 
-    python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_ode --steps 300
+    python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_base --steps 300
 """
 
 from __future__ import annotations
@@ -63,13 +63,14 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 # Distillation variants: train.py overrides on configs/world/dmd.yaml (ROOT: the chain's run root).
 DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ref": [],
-    "dmd_critic_from_ode": ["fake_score_ckpt={root}/ode/export/generator"],
+    "dmd_critic_from_base": ["fake_score_ckpt={root}/base/export/generator"],  # shipped before
     "dmd_real_score_is_base": [
         "real_score_model={_component_:world.network.wan_config}",
         "real_score_ckpt={root}/base/export/generator",
     ],
     "dmd_ratio10": ["dfake_gen_update_ratio=10"],
     "dmd_lr5e-5": ["lr=5e-5"],
+    "dmd_ratio10_lr5e-5": ["dfake_gen_update_ratio=10", "lr=5e-5"],  # both ways to let the critic keep up
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
     "dmd_min_score_t200": ["min_score_timestep=200"],
 }
@@ -180,7 +181,7 @@ def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_sampl
     overrides = [o.format(root=root) for o in DISTILL_VARIANTS[name]]
     cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "world" / "dmd.yaml"),
            "--logdir", str(run), f"data_path={root}/data/train_prompts.txt",
-           f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/base/export/generator",
+           f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/ode/export/generator",
            f"max_steps={steps}", f"log_iters={steps}", *overrides]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
