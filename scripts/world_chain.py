@@ -1,6 +1,6 @@
 """Run the whole Self-Forcing recipe on the shapes world and write `<out>/report.md`.
 
-    python3 scripts/world_chain.py                      # quick profile (~11 min on 2 cores) -> runs/world
+    python3 scripts/world_chain.py                      # quick profile (~12 min on 2 cores) -> runs/world
     python3 scripts/world_chain.py --profile full       # the full chain (targets in the report)
     python3 scripts/world_chain.py --profile smoke --out /tmp/world   # CI: the chain and report, not quality
 
