@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .continuation import CONTINUATION_RMSE, context_frames
-from .evaluate import format_table
+from .evaluate import format_table, segment_table
 from .render import SHADES, Clip, Prompt
-from .stats import beats
+from .stats import beats, with_interval
 
 __all__ = ["I2V", "I2V_TARGETS", "T2V", "continuation_section"]
 
@@ -30,11 +30,6 @@ COLUMNS = ("accuracy", "shade_kept", "rmse", "worst_frame_rmse", "context_rmse")
 SCALE = 4  # pixels per world pixel in the strips and mp4s
 GIVEN = np.array([40, 200, 40], np.uint8)  # border of the given frames in the strips
 SEPARATOR = np.array([255, 255, 255], np.uint8)
-
-
-def _value(summary: Mapping, key: str) -> str:
-    lo, hi = summary[f"{key}_ci"]
-    return f"{summary[key]:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def _guide() -> list[str]:
@@ -59,13 +54,15 @@ def _targets(results: Mapping, label: Callable[[str], str]) -> list[str]:
     lines = [f"### Targets ({label(I2V)}, given the first frame, 12 generated frames)", ""]
     for key, target in I2V_TARGETS.items():
         ok = mine[key] >= target
-        lines.append(f"- {key} = {_value(mine, key)} (target >= {target}): {'met' if ok else 'MISSED'}")
+        lines.append(
+            f"- {key} = {with_interval(mine, key)} (target >= {target}): {'met' if ok else 'MISSED'}"
+        )
     if I2V_SETTING in results.get(T2V, {}):
         theirs = results[T2V][I2V_SETTING]["summary"]
         for key in ("shade_kept", "accuracy"):
             verdict = "met" if beats(mine, theirs, key) else "MISSED (the intervals overlap or it loses)"
             lines.append(
-                f"- beats {label(T2V)} given the same frame on {key} ({_value(theirs, key)}): {verdict}"
+                f"- beats {label(T2V)} given the same frame on {key} ({with_interval(theirs, key)}): {verdict}"
             )
     return [*lines, ""]
 
@@ -84,16 +81,12 @@ def _tables(results: Mapping, label: Callable[[str], str]) -> list[str]:
         segments = {m: results[m][name]["segments"] for m in methods if name in results[m]}
         if max(len(s) for s in segments.values()) > 1:
             for key in ("accuracy", "shade_kept"):
-                per = {}
-                for m, segs in segments.items():
-                    row = {}
-                    for seg in segs:
-                        title = f"frames {seg['start']}-{seg['stop'] - 1}"
-                        row[title], row[f"{title}_ci"] = seg[key], seg[f"{key}_ci"]
-                    per[label(m)] = row
-                columns = [c for c in next(iter(per.values())) if not c.endswith("_ci")]
+                windows = {
+                    label(m): [(f"frames {seg['start']}-{seg['stop'] - 1}", seg) for seg in segs]
+                    for m, segs in segments.items()
+                }
                 lines += [f"{key} per segment of 12 generated frames (frame 0 is the first given one):", ""]
-                lines += [format_table(per, columns=columns, digits=2, intervals=True), ""]
+                lines += [segment_table(windows, key), ""]
     return lines
 
 

@@ -43,7 +43,7 @@ from world.render import (
     render,
     trajectory,
 )
-from world.stats import mean_interval, wilson_interval
+from world.stats import mean_interval, wilson_interval, with_interval
 
 # Palette in pixel units ([-1, 1]): object colours [4, 3] and background greys [3, 3].
 _COLOUR_NAMES = tuple(COLOURS)
@@ -254,15 +254,26 @@ def format_table(
         value = row[key]
         if isinstance(value, list):
             return "/".join(str(v) for v in value)
-        text = f"{value:.{digits}f}"
         if intervals and f"{key}_ci" in row:
-            lo, hi = row[f"{key}_ci"]
-            text += f" [{lo:.{digits}f}, {hi:.{digits}f}]"
-        return text
+            return with_interval(row, key, digits)
+        return f"{value:.{digits}f}"
 
     lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cell(row, c) for c in columns) + " |" for name, row in rows.items()]
     return "\n".join(lines)
+
+
+def segment_table(windows: Mapping[str, Sequence[tuple[str, Mapping]]], key: str) -> str:
+    """`key` (with its interval) of titled windows, e.g. the 12-frame segments of long rollouts: one row
+    per name, one column per window title (the first row's order)."""
+    rows = {}
+    for name, titled in windows.items():
+        row = {}
+        for title, summary in titled:
+            row[title], row[f"{title}_ci"] = summary[key], summary[f"{key}_ci"]
+        rows[name] = row
+    columns = [title for title, _ in next(iter(windows.values()))]
+    return format_table(rows, columns=columns, digits=2, intervals=True)
 
 
 def evaluate(videos: Tensor, prompts: Sequence[Prompt | str], segment_frames: int = 12) -> Evaluation:

@@ -19,9 +19,17 @@ import torch
 
 from . import figures
 from .continuation_report import continuation_section
-from .evaluate import JUMP_SLACK, MAX_SPEED, MISSING_DISTANCE, PRECISION_RMSE, SIZE_TOLERANCE, format_table
+from .evaluate import (
+    JUMP_SLACK,
+    MAX_SPEED,
+    MISSING_DISTANCE,
+    PRECISION_RMSE,
+    SIZE_TOLERANCE,
+    format_table,
+    segment_table,
+)
 from .render import Prompt, render_prompt
-from .stats import beats
+from .stats import beats, with_interval
 
 COLUMNS = ("all_attributes", "colour", "shape", "direction", "speed", "coherence", "frame_coherence",
            "trajectory_error", "precision", "rmse", "all_shades_hit", "shade_tv", "shade_counts")  # fmt: skip
@@ -84,11 +92,6 @@ def _strip(video: torch.Tensor) -> np.ndarray:
     return np.concatenate([np.concatenate([f, sep], axis=1) for f in frames], axis=1)
 
 
-def _value(summary: Mapping, key: str) -> str:
-    lo, hi = summary[f"{key}_ci"]
-    return f"{summary[key]:.2f} [{lo:.2f}, {hi:.2f}]"
-
-
 def _reading_guide() -> list[str]:
     return [
         "How to read the numbers: every value comes with its 95% interval `[lo, hi]`. Samples are",
@@ -139,11 +142,13 @@ def _verdict_tables(metrics: Mapping, inputs: ReportInputs) -> list[str]:
             "| | " + " | ".join(t for t, _ in mine) + " |",
             "|---" * (len(mine) + 1) + "|",
         ]
-        lines.append(f"| {inputs.label(METHOD)} | " + " | ".join(_value(s, key) for _, s in mine) + " |")
+        lines.append(
+            f"| {inputs.label(METHOD)} | " + " | ".join(with_interval(s, key) for _, s in mine) + " |"
+        )
         for other in others:
             theirs = dict(_windows(metrics[other]))
             cells = [
-                f"{_verdict(s, theirs[t], key)} {_value(theirs[t], key)}" if t in theirs else "-"
+                f"{_verdict(s, theirs[t], key)} {with_interval(theirs[t], key)}" if t in theirs else "-"
                 for t, s in mine
             ]
             lines.append(f"| {inputs.label(other)} | " + " | ".join(cells) + " |")
@@ -157,10 +162,10 @@ def _targets(metrics: Mapping, inputs: ReportInputs) -> list[str]:
     lines = ["## Targets (Self-Forcing DMD, held-out prompts)", ""]
     for key, target in TARGETS.items():
         ok = sf[key] >= target
-        lines.append(f"- {key} = {_value(sf, key)} (target >= {target}): {'met' if ok else 'MISSED'}")
+        lines.append(f"- {key} = {with_interval(sf, key)} (target >= {target}): {'met' if ok else 'MISSED'}")
     ok = sf["shade_tv"] <= MAX_SHADE_TV
     lines.append(
-        f"- shade_tv = {_value(sf, 'shade_tv')} (target <= {MAX_SHADE_TV}): {'met' if ok else 'MISSED'}"
+        f"- shade_tv = {with_interval(sf, 'shade_tv')} (target <= {MAX_SHADE_TV}): {'met' if ok else 'MISSED'}"
     )
     rivals = [r for r in RIVALS if r in metrics and r in inputs.students]
     windows = _windows(metrics[METHOD])
@@ -200,7 +205,7 @@ def _base_section(base: Mapping) -> list[str]:
         for key, target in BASE_TARGETS.items():
             ok = summary[key] >= target
             lines.append(
-                f"- base, {BASE_SPLITS[BASE_TARGET_SPLIT]}: {key} = {_value(summary, key)} "
+                f"- base, {BASE_SPLITS[BASE_TARGET_SPLIT]}: {key} = {with_interval(summary, key)} "
                 f"(target >= {target}): {'met' if ok else 'MISSED'}"
             )
     t, limit = MAX_BASE_X0_RMSE
@@ -216,17 +221,11 @@ def _base_section(base: Mapping) -> list[str]:
 def _segment_tables(metrics: Mapping, methods: Sequence[str], inputs: ReportInputs) -> list[str]:
     lines = ["## Quality per 12-frame segment of 36-frame rollouts (held-out prompts)", ""]
     for key in VERDICT_KEYS:
-        rows = {}
-        for m in methods:
-            if "heldout_long" not in metrics.get(m, {}):
-                continue
-            row = {}
-            for title, seg in _windows(metrics[m])[1:]:
-                row[title], row[f"{title}_ci"] = seg[key], seg[f"{key}_ci"]
-            rows[inputs.label(m)] = row
-        if rows:
-            columns = [c for c in next(iter(rows.values())) if not c.endswith("_ci")]
-            lines += [f"### {key}", "", format_table(rows, columns=columns, digits=2, intervals=True), ""]
+        windows = {
+            inputs.label(m): _windows(metrics[m])[1:] for m in methods if "heldout_long" in metrics.get(m, {})
+        }
+        if windows:
+            lines += [f"### {key}", "", segment_table(windows, key), ""]
     return lines
 
 

@@ -77,6 +77,12 @@ def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float
     return mean - half, mean + half
 
 
+def with_interval(summary: Mapping[str, object], key: str, digits: int = 2) -> str:
+    """`summary[key]` and its 95% interval `summary["<key>_ci"]` as `0.53 [0.45, 0.61]`."""
+    lo, hi = summary[f"{key}_ci"]
+    return f"{summary[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
 def beats(a: Mapping[str, object], b: Mapping[str, object], key: str) -> bool:
     """True when summary `a` is better than summary `b` on `key` beyond the 95% intervals: the
     intervals `<key>_ci` do not overlap (touching counts as overlap) and `a`'s lies on the better side."""

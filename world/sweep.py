@@ -199,11 +199,13 @@ def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_sampl
 
 
 def format_distill_rows(rows: list[dict]) -> str:
+    from .stats import with_interval
+
     keys = ("all_attributes", "coherence", "frame_coherence", "precision", "shade_tv")
     lines = ["| variant | steps | " + " | ".join(keys) + " | shades |", "|---" * (len(keys) + 3) + "|"]
     for r in rows:
         s = r["heldout"]
-        cells = [f"{s[k]:.2f} [{s[k + '_ci'][0]:.2f}, {s[k + '_ci'][1]:.2f}]" for k in keys]
+        cells = [with_interval(s, k) for k in keys]
         shades = "/".join(str(c) for c in s["shade_counts"])
         lines.append(f"| {r['name']} | {r['steps']} | " + " | ".join(cells) + f" | {shades} |")
     return "\n".join(lines)
