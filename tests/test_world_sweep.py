@@ -29,3 +29,20 @@ def test_sweep_runs_a_variant_and_prints_its_row(tmp_path, capsys):
     assert set(row["x0_rmse"]) == {"200", "500", "800"} and all(v > 0 for v in row["x0_rmse"].values())
     out = capsys.readouterr().out
     assert "| sincos_text_x0head_x0loss |" in out
+
+
+def test_every_distill_variant_is_a_valid_config(tmp_path):
+    """Each `--distill` variant's overrides load on configs/world/dmd.yaml: a misspelt key or a value
+    of the wrong type fails here instead of minutes into a sweep."""
+    from pathlib import Path
+
+    from utils.config import load_config
+
+    config = Path(sweep.__file__).resolve().parents[1] / "configs" / "world" / "dmd.yaml"
+    for name, overrides in sweep.DISTILL_VARIANTS.items():
+        cfg = load_config(config, [o.format(root=tmp_path) for o in overrides])
+        assert cfg.trainer == ("sid" if name.startswith("sid_") else "dmd"), name
+    cfg = load_config(config, sweep.DISTILL_VARIANTS["sid_alpha1.2"])
+    assert cfg.sid_alpha == 1.2
+    real = [o.format(root=tmp_path) for o in sweep.DISTILL_VARIANTS["dmd_real_score_is_base"]]
+    assert load_config(config, real).real_score_model["_component_"] == "world.network.wan_config"

@@ -12,9 +12,9 @@ x0 RMSE against the exact teacher at t = 200 / 500 / 800).
 Variants run in their own processes (`--jobs` at a time, one thread each); results are appended to
 `--results` (JSONL) so a sweep can be extended run by run and the table reprinted at any time.
 
-`--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (`train.py` with
-`configs/world/dmd.yaml` and the variant's overrides; generator and critic from the ODE init) of a
-finished chain under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
+`--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (SiD for the `sid_*`
+variants, which set `trainer=sid`; `train.py` with `configs/world/dmd.yaml` and the variant's overrides;
+generator and critic from the ODE init) of a finished chain under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
 
     python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_base --steps 300
 """
@@ -65,7 +65,7 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ref": [],
     "dmd_critic_from_base": ["fake_score_ckpt={root}/base/export/generator"],  # shipped before
     "dmd_real_score_is_base": [
-        "real_score_model={_component_:world.network.wan_config}",
+        "real_score_model={{_component_: world.network.wan_config}}",  # braces doubled: str.format
         "real_score_ckpt={root}/base/export/generator",
     ],
     "dmd_ratio10": ["dfake_gen_update_ratio=10"],
@@ -73,6 +73,10 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ratio10_lr5e-5": ["dfake_gen_update_ratio=10", "lr=5e-5"],  # both ways to let the critic keep up
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
     "dmd_min_score_t200": ["min_score_timestep=200"],
+    # SiD on the same config (`configs/world/sid.yaml` differs from dmd.yaml only in `trainer`)
+    "sid_ref": ["trainer=sid"],
+    "sid_critic_from_base": ["trainer=sid", "fake_score_ckpt={root}/base/export/generator"],
+    "sid_alpha1.2": ["trainer=sid", "sid_alpha=1.2"],  # the SiD paper's alpha (upstream: 1.0)
 }
 
 TRAIN_DEFAULTS = {"lr": 2e-3, "warmup": 0, "decay": "constant", "batch": 32, "pos_init_std": None, "seed": 1,
