@@ -105,6 +105,25 @@ def test_world_configs_load():
         assert wan_config(cfg, "generator") == NETWORK.replace(**changes, **cfg.model_kwargs.wan_config), path
 
 
+def test_every_profile_override_loads_on_its_stage_config():
+    """A profile's per-stage overrides are valid keys and values of that stage's config (a typo would
+    otherwise fail only when the stage starts, deep into a full-profile run)."""
+    from utils.config import load_config
+    from world.chain import CONFIG_OF
+
+    assert PROFILES["full"].overrides, "the full profile's DMD stages carry the critic knobs"
+    for profile in PROFILES.values():
+        for stage, overrides in profile.overrides.items():
+            cfg = load_config(str(CONFIGS / f"{CONFIG_OF[stage]}.yaml"), overrides)
+            for override in overrides:
+                key, value = override.split("=", 1)
+                assert str(getattr(cfg, key)) == str(type(getattr(cfg, key))(value)), (
+                    profile.name,
+                    stage,
+                    key,
+                )
+
+
 def test_a_run_record_from_before_components_still_loads(tmp_path):
     """A world run's config.yaml written when the core had `world` / `world-exact` presets loads as
     the same components (the chain re-evaluates finished runs from their own config.yaml)."""

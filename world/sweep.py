@@ -73,6 +73,7 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ratio10_lr5e-5": ["dfake_gen_update_ratio=10", "lr=5e-5"],  # both ways to let the critic keep up
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
     "dmd_min_score_t200": ["min_score_timestep=200"],
+    "dmd_seed4": ["seed=4"],  # the shipped recipe on another seed: how much of a result is the draw
     # SiD on the same config (`configs/world/sid.yaml` differs from dmd.yaml only in `trainer`)
     "sid_ref": ["trainer=sid"],
     "sid_critic_from_base": ["trainer=sid", "fake_score_ckpt={root}/base/export/generator"],
