@@ -74,6 +74,7 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
     "dmd_min_score_t200": ["min_score_timestep=200"],
     "dmd_seed4": ["seed=4"],  # the shipped recipe on another seed: how much of a result is the draw
+    "dmd_ratio10_lr5e-5_seed4": ["dfake_gen_update_ratio=10", "lr=5e-5", "seed=4"],
     # SiD on the same config (`configs/world/sid.yaml` differs from dmd.yaml only in `trainer`)
     "sid_ref": ["trainer=sid"],
     "sid_critic_from_base": ["trainer=sid", "fake_score_ckpt={root}/base/export/generator"],
