@@ -14,7 +14,8 @@ Variants run in their own processes (`--jobs` at a time, one thread each); resul
 
 `--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (SiD for the `sid_*`
 variants, which set `trainer=sid`; `train.py` with `configs/world/dmd.yaml` and the variant's overrides;
-generator and critic from the ODE init) of a finished chain under ROOT, each judged on held-out prompts with the students' pipeline (`world.sampling.generate`):
+generator and critic from the ODE init) of a finished chain under ROOT, each judged on held-out prompts
+with the students' pipeline (`world.sampling.generate`):
 
     python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_base --steps 300
 """
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .chain import DMD_CRITIC_KEEPS_UP
 
 DEFAULT_RESULTS = Path("runs/world_sweep/results.jsonl")
 
@@ -70,11 +73,11 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     ],
     "dmd_ratio10": ["dfake_gen_update_ratio=10"],
     "dmd_lr5e-5": ["lr=5e-5"],
-    "dmd_ratio10_lr5e-5": ["dfake_gen_update_ratio=10", "lr=5e-5"],  # both ways to let the critic keep up
+    "dmd_ratio10_lr5e-5": list(DMD_CRITIC_KEEPS_UP),  # both ways to let the critic keep up (full profile)
     "dmd_lr_critic1e-3": ["lr_critic=1e-3"],
     "dmd_min_score_t200": ["min_score_timestep=200"],
     "dmd_seed4": ["seed=4"],  # the shipped recipe on another seed: how much of a result is the draw
-    "dmd_ratio10_lr5e-5_seed4": ["dfake_gen_update_ratio=10", "lr=5e-5", "seed=4"],
+    "dmd_ratio10_lr5e-5_seed4": [*DMD_CRITIC_KEEPS_UP, "seed=4"],
     # SiD on the same config (`configs/world/sid.yaml` differs from dmd.yaml only in `trainer`)
     "sid_ref": ["trainer=sid"],
     "sid_critic_from_base": ["trainer=sid", "fake_score_ckpt={root}/base/export/generator"],
