@@ -19,22 +19,24 @@ import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from pipeline.from_config import step_list
 from utils.components import instantiate, is_component
 from utils.config import ConfigError, TrainConfig, lora_roles, lora_targets
 from utils.lora import LoraSpec, add_lora, load_adapters, merge_lora, train_adapters_only
 from utils.scheduler import FlowMatchScheduler
-from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel, WanTextEncoder, WanVAE
+from wan import CausalWanModel, WanConfig, WanDiffusionWrapper, WanModel
 from wan.gan_head import add_gan_head
 from wan.lora_weights import read_lora
-from wan.text_encoder import umt5_xxl_config
 from wan.toy import toy_dit_state_dict, toy_text_encoder, toy_vae
 from wan.weights import load_dit_weights, read_dit_weights
+
+if TYPE_CHECKING:  # transformers and diffusers are imported only when a real encoder/VAE is built
+    from wan import WanTextEncoder, WanVAE
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +239,10 @@ def build_text_encoder(
             raise ConfigError("text_encoder_path is required unless generator_model is 'tiny'")
         encoder = toy_text_encoder(text_dim=gcfg.text_dim, text_len=gcfg.text_len)
         return encoder if structure_only else encoder.to(device)
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+    from wan.text_encoder import WanTextEncoder, umt5_xxl_config
+
     p = Path(path)
     if p.is_dir() and (p / "text_encoder").is_dir():
         if structure_only:
@@ -296,6 +302,8 @@ def build_vae(cfg: TrainConfig, device: torch.device, dtype: torch.dtype = torch
         if cfg.generator_model != "tiny":
             raise ConfigError("vae_path is required unless generator_model is 'tiny'")
         return toy_vae(z_dim=wan_config(cfg, "generator").in_dim).to(device)
+    from wan.vae import WanVAE
+
     p = Path(path)
     if p.is_dir():
         return WanVAE.from_diffusers_folder(p, dtype=dtype, device=device)

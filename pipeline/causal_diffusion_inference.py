@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from diffusers import UniPCMultistepScheduler
 from torch import Tensor
 
 from utils.scheduler import FlowMatchScheduler
@@ -61,6 +60,9 @@ class _UniPC:
     """A fresh diffusers UniPC solver (state is per block)."""
 
     def __init__(self, shift: float, num_steps: int, num_train_timesteps: int, device: torch.device) -> None:
+        # diffusers takes seconds to import: only this solver needs it
+        from diffusers import UniPCMultistepScheduler
+
         self._sched = UniPCMultistepScheduler(
             num_train_timesteps=num_train_timesteps,
             prediction_type="flow_prediction",

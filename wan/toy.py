@@ -7,15 +7,19 @@ AutoencoderKLWan) with a few channels. Both are seeded, so every process builds 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
-from diffusers import AutoencoderKLWan
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from .config import WanConfig
 from .model import WanModel
-from .text_encoder import WanTextEncoder
-from .vae import WanVAE
+
+if TYPE_CHECKING:  # transformers and diffusers take seconds to import: only the toy encoder/VAE need them
+    from transformers import PreTrainedTokenizerFast
+
+    from .text_encoder import WanTextEncoder
+    from .vae import WanVAE
 
 TOY_SEED = 1234  # every process builds the same toy teacher from this seed
 
@@ -31,6 +35,7 @@ _CORPUS = [
 def toy_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """Byte-level BPE (covers any UTF-8 text) with T5's special tokens and a trailing `</s>`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,6 +55,10 @@ def toy_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 
 def toy_text_encoder(text_dim: int = 32, text_len: int = 16, seed: int = 0) -> WanTextEncoder:
     """A 2-layer umT5 encoder of width `text_dim` with random (seeded) weights."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from .text_encoder import WanTextEncoder
+
     tokenizer = toy_tokenizer()
     cfg = UMT5Config(
         vocab_size=len(tokenizer),
@@ -71,6 +80,10 @@ def toy_text_encoder(text_dim: int = 32, text_len: int = 16, seed: int = 0) -> W
 
 def toy_vae(z_dim: int = 4, base_dim: int = 8, seed: int = 0) -> WanVAE:
     """A Wan VAE (temporal x4, spatial x8 compression like the real one) with few channels."""
+    from diffusers import AutoencoderKLWan
+
+    from .vae import WanVAE
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(
