@@ -76,7 +76,8 @@ def add_teacher_args(parser: argparse.ArgumentParser) -> None:
         help="DiT weights: an official/diffusers safetensors file or folder, or a .pt state dict. May be "
         "omitted only with --model tiny, which then uses random weights drawn from --seed (CPU demos, tests); "
         "'toy' = the toy networks' teacher (the same weights train.py gives the tiny preset); "
-        "'exact' = the shapes world's exact teacher (with --model world)",
+        "'exact' = the shapes world's exact teacher (with --model world); 'exact-random-start' = the same "
+        "for the world whose objects start anywhere along their path",
     )
     group.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="teacher dtype (upstream: float32)"
@@ -99,7 +100,10 @@ def build_teacher(
     model: str, weights: str | None, seed: int, device: torch.device, dtype: torch.dtype
 ) -> WanDiffusionWrapper:
     """The frozen bidirectional teacher as a `WanDiffusionWrapper` in eval mode on ``device``."""
-    if weights == "exact":  # the shapes world's closed-form teacher (world/teacher.py)
+    if weights in (
+        "exact",
+        "exact-random-start",
+    ):  # the shapes world's closed-form teacher (world/teacher.py)
         if model != "world":
             raise ValueError(
                 f"--weights exact is the shapes world's teacher; it needs --model world, not {model}"
@@ -108,7 +112,8 @@ def build_teacher(
         from world.text import WorldTextEncoder
 
         cfg = model_preset(model)
-        return ExactTeacher(WorldTextEncoder(cfg.text_dim, cfg.text_len)).to(device).eval()
+        text = WorldTextEncoder(cfg.text_dim, cfg.text_len)
+        return ExactTeacher(text, random_start=weights == "exact-random-start").to(device).eval()
     cfg = model_preset(model)
     if weights is None and cfg != WanConfig.preset("tiny"):
         raise ValueError(f"--weights is required for --model {model} (random weights only for --model tiny)")

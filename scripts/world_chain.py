@@ -26,10 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="run root (default: runs/world for quick, runs/world_<profile> otherwise)"
     )
     p.add_argument("--nproc", type=int, default=None, help="processes per training stage (torchrun)")
+    p.add_argument(
+        "--random_start", action="store_true",
+        help="the world whose objects start anywhere along their path (networks without frame rows; "
+        "long rollouts in a window without a sink): see world/chain.py",
+    )  # fmt: skip
     args = p.parse_args(argv)
     profile = PROFILES[args.profile]
     if args.nproc is not None:
         profile = dataclasses.replace(profile, nproc=args.nproc)
+    if args.random_start:
+        profile = dataclasses.replace(profile, random_start=True)
     out = args.out or ("runs/world" if args.profile == "quick" else f"runs/world_{args.profile}")
     Chain(out, profile).run()
     return 0

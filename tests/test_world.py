@@ -231,3 +231,53 @@ def test_teacher_regression_loss_is_the_formula(teacher, encoder, loss_type):
     assert math.isclose(loss.item(), want.item(), rel_tol=1e-4)
     with pytest.raises(ValueError, match="denoising_loss_type"):
         TeacherRegression(gen, teacher, sched, denoising_loss_type="eps")
+
+
+def test_random_start_clips_start_along_their_path_heading_as_asked():
+    """With random_start every prompt has 8 starts x 3 shades: the object starts at each STARTS position
+    on its axis (the other coordinate at the centre), its first step goes the asked way at the asked
+    speed, and every clip of the world is distinct (so a clip tells its prompt and start apart)."""
+    from world.render import DIRECTIONS, SPEEDS, START, STARTS
+
+    assert STARTS == (4, 5, 6, 7, 8, 9, 10, 11) and START in STARTS
+    videos = {}
+    for prompt in all_prompts():
+        clips = clips_of(prompt, random_start=True)
+        assert [(c.shade, c.start) for c in clips] == [(s, p) for s in range(3) for p in STARTS]
+        dy, dx = DIRECTIONS[prompt.direction]
+        v = SPEEDS[prompt.speed]
+        for clip in clips:
+            path = trajectory(prompt, 12, clip.start)
+            y0, x0 = path[0]
+            assert (y0, x0) == ((clip.start, START) if dy else (START, clip.start))
+            assert (path[1][0] - y0, path[1][1] - x0) == (dy * v, dx * v)  # no bounce on the first step
+            videos[(prompt, clip.shade, clip.start)] = render(clip, 12)
+        # the default world is the centre-start subset, in shade order
+        assert clips_of(prompt) == [c for c in clips if c.start == START]
+    flat = torch.stack(list(videos.values())).flatten(1)
+    assert len(flat) == 64 * 24
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat)) * 1e9).min() > 0  # no two clips alike
+
+
+def test_random_start_teacher_is_the_posterior_mean_over_every_start(encoder):
+    """The random-start teacher's x0 is the softmax-weighted mean over the prompt's 24 clips, written out
+    here from the Gaussian log-likelihoods; nearly clean, it returns the clip the noise came from,
+    starts away from the centre included (which the default teacher cannot)."""
+    prompt = all_prompts()[9]
+    teacher = ExactTeacher(encoder, random_start=True)
+    codec = WorldCodec()
+    clips = codec.encode(render_prompt(prompt, 6, random_start=True).transpose(1, 2))  # [24, F, C, h, w]
+    assert clips.shape[0] == 24
+    ctx = encoder([prompt.text] * 2)["prompt_embeds"]
+    g = torch.Generator().manual_seed(3)
+    x_t = 0.4 * clips[[5, 20]] + 0.6 * torch.randn(clips[:2].shape, generator=g)
+    t = torch.full((2,), 600.0)
+    logp = Normal(0.4 * clips[None], 0.6).log_prob(x_t[:, None]).flatten(2).sum(-1)  # [2, 24]
+    want = (torch.softmax(logp.double(), 1) @ clips.flatten(1).double()).view(x_t.shape)
+    _, x0 = teacher(x_t, t, ctx)
+    torch.testing.assert_close(x0.double(), want, rtol=1e-4, atol=1e-4)
+    near = 0.999 * clips[[5, 20]] + 0.001 * torch.randn(clips[:2].shape, generator=g)
+    _, x0 = teacher(near, torch.full((2,), 1.0), ctx)
+    torch.testing.assert_close(x0, clips[[5, 20]], rtol=0, atol=1e-4)
+    _, x0_centre = ExactTeacher(encoder)(near, torch.full((2,), 1.0), ctx)
+    assert (x0_centre - clips[[5, 20]]).abs().amax() > 0.5  # clips 5 and 20 do not start at the centre

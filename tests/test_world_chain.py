@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from world.chain import CONFIGS, PROFILES, STUDENTS
 
@@ -141,3 +142,38 @@ def test_a_run_record_from_before_components_still_loads(tmp_path):
     assert cfg.text_encoder == {"_component_": "world.text.WorldTextEncoder"}
     assert cfg.vae == {"_component_": "world.codec.WorldCodec"}
     assert wan_config(cfg, "generator") == wan_config(cfg, "fake_score") == NETWORK
+
+
+def test_random_start_overrides_load_on_every_stage_config():
+    """--random_start's overrides are keys of every stage's config: the exact teacher of that world and
+    networks without frame rows, for every role a stage builds."""
+    from model.build import wan_config
+    from utils.config import load_config
+    from world.chain import CONFIG_OF, RANDOM_START_OVERRIDES
+
+    for stage in ("base", "ode", *CONFIG_OF):
+        config = "base" if stage == "base" else "ode" if stage == "ode" else CONFIG_OF[stage]
+        cfg = load_config(str(CONFIGS / f"{config}.yaml"), list(RANDOM_START_OVERRIDES))
+        assert cfg.real_score_model == {"_component_": "world.teacher.ExactTeacher", "random_start": True}
+        for role in ("generator", "fake_score"):
+            assert wan_config(cfg, role).pos_embed_frame_rows is False, (stage, role)
+
+
+def test_random_start_data_and_ode_teacher(tmp_path):
+    """The data stage writes every start of every clip (24 rows per prompt, keys naming shade and start;
+    the centre-start keys as before) and generate_ode_pairs' `--weights exact-random-start` is that
+    world's teacher."""
+    from scripts._common import build_teacher
+    from utils.lmdb import LMDBWriter, shard_path
+    from world.data import write_clip_lmdb
+    from world.render import STARTS, all_prompts
+
+    prompts = all_prompts()[:2]
+    assert write_clip_lmdb(tmp_path / "clips", prompts, 3, random_start=True) == 2 * 24
+    with LMDBWriter(shard_path(tmp_path / "clips", 0), append=True) as rows:
+        for p in prompts:
+            for shade in range(3):
+                assert rows.contains(f"{p.text}#{shade}")  # the centre start keeps the default world's key
+                assert all(rows.contains(f"{p.text}#{shade}@{s}") for s in STARTS if s != 7)
+    teacher = build_teacher("world", "exact-random-start", 0, torch.device("cpu"), torch.float32)
+    assert teacher.random_start and not build_teacher("world", "exact", 0, "cpu", torch.float32).random_start

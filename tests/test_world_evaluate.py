@@ -400,3 +400,26 @@ def test_format_table_shows_intervals_when_asked():
     row = {"precision": 0.53, "precision_ci": [0.45, 0.61], "shade_counts": [1, 2, 3]}
     table = format_table({"m": row}, columns=("precision", "shade_counts"), digits=2, intervals=True)
     assert table.splitlines()[-1] == "| m | 0.53 [0.45, 0.61] | 1/2/3 |"
+
+
+@pytest.mark.parametrize("num_frames", [12, 36])
+def test_every_random_start_clip_scores_perfectly_and_needs_the_flag(num_frames):
+    """Every clip of the random-start world (8 starts x 3 shades per prompt) is perfect when judged as
+    that world, whole and per 12-frame segment (the start is fitted, not assumed); judged as the
+    centre-start world, the clips that do not start at the centre are off the asked path."""
+    from world.render import START
+
+    clips = [c for p in all_prompts()[::5] for c in clips_of(p, random_start=True)]
+    videos = torch.stack([render(c, num_frames) for c in clips])
+    result = evaluate(videos, [c.prompt for c in clips], random_start=True)
+    assert {k: result.summary()[k] for k in PERFECT} == PERFECT
+    for segment in result.per_segment():
+        assert {k: segment[k] for k in PERFECT} == PERFECT
+    for sample, clip in zip(result.samples, clips, strict=True):
+        assert (sample.direction, sample.speed) == (clip.prompt.direction, clip.prompt.speed)
+        assert sample.shade == sample.nearest_shade == clip.shade
+        assert sample.fit_error == 0.0 and sample.trajectory_error == 0.0 and sample.rmse == 0.0
+    as_centre = evaluate(videos, [c.prompt for c in clips]).samples
+    for sample, clip in zip(as_centre, clips, strict=True):
+        assert (sample.trajectory_error == 0.0) == (clip.start == START)
+        assert (sample.rmse == 0.0) == (clip.start == START)

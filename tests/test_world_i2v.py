@@ -29,7 +29,7 @@ from world.continuation import evaluate_continuation
 from world.continuation_eval import SETTINGS, continuation_clips, run_continuation_eval, summarise
 from world.data import write_clip_lmdb
 from world.network import NETWORK
-from world.render import Clip, Prompt, render
+from world.render import START, Clip, Prompt, render
 
 ROOT = Path(__file__).resolve().parents[1]
 I2V = ROOT / "configs" / "world" / "dmd_i2v.yaml"
@@ -148,7 +148,7 @@ def test_continuation_eval_equals_inference_py_video_judged_by_evaluate_continua
     # 1/255): its context is off by up to half a grey level, its generated frames by a few thousandths.
     # Another noise seed moves them by far more, so the tolerance still tells the seeds apart.
     samples = torch.load(tmp_path / "eval" / "continuation_samples.pt")["first_block_long"]
-    assert samples["clips"] == [(PROMPTS[0].text, 0)]
+    assert samples["clips"] == [(PROMPTS[0].text, 0, START)]
     mine_video = samples["videos"]["student"][0]
     assert torch.equal(mine_video[:3], render(clips[0], 3))  # given frames back unchanged (lossless codec)
     torch.testing.assert_close(mine_video, videos[0], rtol=0, atol=0.02)

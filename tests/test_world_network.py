@@ -230,3 +230,43 @@ def test_sincos_tables_are_rebuilt_after_a_meta_build():
     reference = WanModel(SINCOS).pos_embedding
     for name in ("frame", "height", "width"):
         assert torch.equal(getattr(model.pos_embedding, name), getattr(reference, name))
+
+
+def test_without_frame_rows_the_position_embedding_is_the_same_in_every_frame():
+    for kind in ("sincos", "learned"):
+        cfg = WORLD.replace(pos_embed_type=kind, pos_embed_frame_rows=False)
+        model = randomize_(WanModel(cfg))
+        pe = model.pos_embedding
+        assert not hasattr(pe, "frame") or kind == "sincos"  # a learned table has no untrainable rows
+        emb = pe((5, 4, 4), start_frame=30).view(5, 4, 4, -1)
+        for h in range(4):
+            for w in range(4):
+                assert torch.equal(emb[:, h, w], (pe.height[h] + pe.width[w]).expand(5, -1))
+
+
+def _periodic_rollout(cfg: WanConfig) -> list[torch.Tensor]:
+    """Outputs of a 36-frame cached rollout in a window of 6 frames without a sink whose blocks' inputs
+    alternate a, b, a, b, ...: block k (k >= 2) sees inputs a, b, a through its two layers' windows, the
+    same at every even k but at frame positions 6 apart."""
+    model = randomize_(CausalWanModel(cfg, num_frame_per_block=3, local_attn_size=6, sink_size=0), seed=1)
+    kv = KVCache.for_model(model, 1, (4, 4), 6)
+    xc = CrossAttentionCache.for_model(model)
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, 48, 3, 4, 4, generator=g) for _ in range(2)]
+    c = torch.randn(1, 6, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        return [
+            model(inputs[k % 2], torch.full((1, 3), 500.0), c, kv_cache=kv, crossattn_cache=xc,
+                  current_start_frame=3 * k)
+            for k in range(12)
+        ]  # fmt: skip
+
+
+def test_without_frame_rows_a_rolling_window_sees_only_frame_offsets():
+    """RoPE alone: a block's output depends on its window's contents and their offsets, not on how far
+    into the rollout it is; with absolute frame rows (extrapolated past the table) it does."""
+    relative = _periodic_rollout(WORLD.replace(pos_embed_frame_rows=False))
+    for k in (4, 6, 10):
+        torch.testing.assert_close(relative[k], relative[2], rtol=0, atol=1e-4)
+    absolute = _periodic_rollout(WORLD.replace(pos_embed_extrapolate=True))
+    assert (absolute[10] - absolute[2]).abs().max() > 1e-2

@@ -45,6 +45,10 @@ class WanConfig:
     # a run that trains past its base's length (an image-to-video layout of 1 + 12 frames on a 12-frame
     # base), so its last frames stay apart.
     pos_embed_extrapolate: bool = False
+    # False: the absolute embedding places tokens in the grid only (row and column); frames are told
+    # apart by RoPE alone, which sees only frame offsets, so a rolling window past the training length
+    # shows the network no position it has not seen (pos_embed_frames then only sizes the unused table).
+    pos_embed_frame_rows: bool = True
     # Add an embedding of the pooled prompt to the time embedding, so the prompt also reaches every
     # block through the adaLN modulation (not only through cross-attention).
     text_time_embedding: bool = False

@@ -333,7 +333,8 @@ class PositionEmbedding(nn.Module):
     Frame rows are clamped: frame f >= pos_embed_frames - 1 uses the last row. Training on clips longer
     than the table therefore trains the last row at every later position, and a rollout past the
     training length sees nothing new; relative order comes from RoPE. `sincos` with
-    `pos_embed_extrapolate` gives every frame its own row instead.
+    `pos_embed_extrapolate` gives every frame its own row instead; without `pos_embed_frame_rows` there
+    are no frame rows at all (RoPE alone tells frames apart).
     """
 
     def __init__(self, cfg: WanConfig) -> None:
@@ -341,8 +342,10 @@ class PositionEmbedding(nn.Module):
         gh, gw = cfg.pos_embed_grid
         self.kind = cfg.pos_embed_type
         self.extrapolate = cfg.pos_embed_extrapolate
+        self.frame_rows = cfg.pos_embed_frame_rows
         if self.kind == "learned":
-            self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
+            if self.frame_rows:  # no parameter that would never train
+                self.frame = nn.Parameter(torch.zeros(cfg.pos_embed_frames, cfg.dim))
             self.height = nn.Parameter(torch.zeros(gh, cfg.dim))
             self.width = nn.Parameter(torch.zeros(gw, cfg.dim))
         else:  # constants: buffers outside the state dict (a pure function of the config)
@@ -387,8 +390,11 @@ class PositionEmbedding(nn.Module):
                 f"position embedding was built for a {self.height.shape[0]}x{self.width.shape[0]} token grid, "
                 f"input has {h}x{w}"
             )
-        frame = self._frame_rows(start_frame, f)
-        emb = frame[:, None, None] + self.height[None, :, None] + self.width[None, None, :]
+        if self.frame_rows:
+            frame = self._frame_rows(start_frame, f)
+            emb = frame[:, None, None] + self.height[None, :, None] + self.width[None, None, :]
+        else:
+            emb = (self.height[:, None] + self.width[None, :]).expand(f, h, w, -1)
         return emb.reshape(f * h * w, -1)
 
 

@@ -81,6 +81,10 @@ class Profile:
     i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v
     nproc: int = 1
     overrides: dict[str, list[str]] = field(default_factory=dict)
+    # The world whose objects start anywhere along their path (world.render): its data, its exact
+    # teacher, networks without absolute frame rows (RoPE alone tells frames apart) and long rollouts
+    # in a rolling window without a sink (RANDOM_START_OVERRIDES, RANDOM_START_LONG_WINDOW).
+    random_start: bool = False
 
 
 DMD_STAGES = ("sf_dmd", "dmd_teacher_forcing", "dmd_diffusion_forcing")  # not the I2V stage: see below
@@ -115,6 +119,20 @@ LONG_FRAMES = 36
 # Long rollouts: a rolling KV window of 12 frames whose first block (3 frames) is a sink.
 # (A student trained with its own window, `model_kwargs.local_attn_size`, rolls out with that window.)
 LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=3")
+# With random starts nothing but the earlier frames places the object, so a network needs no absolute
+# frame index, and without one a rolling window past the training length only shows it frame offsets
+# it was trained on (<= 11). A sink would not: its offsets grow with the rollout.
+RANDOM_START_OVERRIDES = (
+    "real_score_model.random_start=true",
+    "generator_model.pos_embed_frame_rows=false",
+    "fake_score_model.pos_embed_frame_rows=false",
+)
+RANDOM_START_LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=0")
+RANDOM_START_WORLD = (
+    "random starts: every object starts at one of 8 positions along its path (24 clips per prompt); "
+    "networks without frame rows (RoPE alone orders frames); past 12 frames a rolling window of 12 "
+    "frames without a sink"
+)
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
 X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
 
@@ -220,7 +238,7 @@ class Chain:
             d = self.stage_dir("data")
             write_prompt_file(d / "train_prompts.txt", train)
             write_prompt_file(d / "heldout_prompts.txt", heldout)
-            rows = write_clip_lmdb(d / "clips", train, TRAIN_FRAMES)
+            rows = write_clip_lmdb(d / "clips", train, TRAIN_FRAMES, self.profile.random_start)
             _say(f"  {len(train)} training prompts ({rows} clips), {len(heldout)} held out")
 
         self._run_stage("data", "render the world: prompt files and the training clips as an LMDB", run)
@@ -231,7 +249,8 @@ class Chain:
             args = [
                 "--config", str(CONFIGS / f"{CONFIG_OF[stage]}.yaml"), "--logdir", str(run_dir),
                 f"max_steps={steps}", f"log_iters={max(1, min(250, steps))}",
-                *overrides, *self.profile.overrides.get(stage, []),
+                *overrides, *(RANDOM_START_OVERRIDES if self.profile.random_start else ()),
+                *self.profile.overrides.get(stage, []),
             ]  # fmt: skip
             self._subprocess(stage, self._torchrun("train.py", args), total_steps=steps)
             export = [sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), "--logdir", str(run_dir),
@@ -248,7 +267,8 @@ class Chain:
         def run() -> None:
             args = [
                 "--prompts", str(self.stage_dir("data") / "train_prompts.txt"), "--out", str(self.stage_dir("ode_pairs")),
-                "--model", "world", "--weights", "exact", "--text_encoder", "world", "--negative_prompt", "",
+                "--model", "world", "--weights", "exact-random-start" if p.random_start else "exact",
+                "--text_encoder", "world", "--negative_prompt", "",
                 "--guidance_scale", "1", "--shift", "5", "--num_steps", str(steps),
                 "--keep_indices", *map(str, keep), "--samples_per_prompt", str(p.pairs_per_prompt),
                 "--latent_frames", str(TRAIN_FRAMES), "--latent_height", "4", "--latent_width", "4",
@@ -323,6 +343,7 @@ class Chain:
                 loss_logs={s: self.stage_dir(s) / "metrics.jsonl" for s in ("base", "ode", "sf_dmd", *i2v, *p.baselines)},
                 labels=LABELS, continuation=self.stage_dir("eval") / "continuation.json",
                 continuation_samples=self.stage_dir("eval") / "continuation_samples.pt",
+                **({"world": RANDOM_START_WORLD} if p.random_start else {}),
             )
         )  # fmt: skip
         _say(f"[report] {self.root / 'report.md'}")
@@ -357,10 +378,10 @@ class Chain:
                     (split, lambda a=asked: generate(base, config, a, TRAIN_FRAMES, schedule)),
                     (f"{split}_ode{BASE_ODE_STEPS}", lambda a=asked: base_ode_samples(base, config, a, TRAIN_FRAMES, BASE_ODE_STEPS)),
                 ):  # fmt: skip
-                    ev = evaluate(videos(), asked)
+                    ev = evaluate(videos(), asked, random_start=p.random_start)
                     results[name] = {"summary": ev.summary(), "segments": ev.per_segment()}
             results["x0_rmse"] = {
-                split: base_x0_rmse(base, config, prompts[split], TRAIN_FRAMES, X0_TIMESTEPS)
+                split: base_x0_rmse(base, config, prompts[split], TRAIN_FRAMES, X0_TIMESTEPS, p.random_start)
                 for split in ("heldout", "train")
             }
             (self.stage_dir("base_eval") / "metrics.json").write_text(json.dumps(results, indent=1))
@@ -374,7 +395,7 @@ class Chain:
 
     def evaluate(self) -> None:
         from .evaluate import evaluate
-        from .render import render_prompt
+        from .render import Clip, render, starts
         from .sampling import generate
 
         p = self.profile
@@ -386,12 +407,16 @@ class Chain:
             "train": (prompts["train"], p.eval_samples, TRAIN_FRAMES),
             "heldout_long": (prompts["heldout"], p.long_samples, LONG_FRAMES),
         }
-        # The data itself, sampled the way a perfect student would (uniform shades): the reference row.
+        # The data itself, sampled the way a perfect student would (uniform shades and starts): the
+        # reference row.
         data_rows = {}
+        first = starts(p.random_start)
         for split, (plist, n, frames) in jobs.items():
-            clips = torch.stack([render_prompt(q, frames)[i % 3] for q in plist for i in range(n)])
+            clips = torch.stack(
+                [render(Clip(q, i % 3, first[(i + j) % len(first)]), frames) for j, q in enumerate(plist) for i in range(n)]
+            )  # fmt: skip
             asked = [q for q in plist for _ in range(n)]
-            ev = evaluate(clips, asked)
+            ev = evaluate(clips, asked, random_start=p.random_start)
             data_rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
         results["data"] = data_rows
         results["base"] = json.loads((self.stage_dir("base_eval") / "metrics.json").read_text())
@@ -401,7 +426,7 @@ class Chain:
                 asked = [q for q in plist for _ in range(n)]
                 run = self.stage_dir(student)
                 videos = generate(run, run / "config.yaml", asked, frames, self.long_window(run, frames))
-                ev = evaluate(videos, asked)
+                ev = evaluate(videos, asked, random_start=p.random_start)
                 rows[split] = {"summary": ev.summary(), "segments": ev.per_segment()}
                 if split == "heldout":
                     videos_out[student] = videos[::n][:4]  # first sample of the first 4 prompts
@@ -426,14 +451,17 @@ class Chain:
         if p.i2v:  # blocks of [1, 3, 3, ...]: it takes one given frame, the image
             settings["sf_dmd_i2v"] = ["first_frame"]
         run_continuation_eval(runs, settings, self.eval_prompts()["heldout"], p.eval_samples, p.long_samples,
-                              LONG_WINDOW, self.stage_dir("eval"), say=_say)  # fmt: skip
+                              self.window(), self.stage_dir("eval"), say=_say, random_start=p.random_start)  # fmt: skip
 
-    @staticmethod
-    def long_window(run: Path, frames: int) -> tuple[str, ...]:
-        """Overrides for a rollout of `frames`: LONG_WINDOW past the training length (see window_overrides)."""
+    def window(self) -> tuple[str, ...]:
+        """The rolling window of rollouts past the training length (no sink with random starts)."""
+        return RANDOM_START_LONG_WINDOW if self.profile.random_start else LONG_WINDOW
+
+    def long_window(self, run: Path, frames: int) -> tuple[str, ...]:
+        """Overrides for a rollout of `frames`: the window past the training length (see window_overrides)."""
         from .continuation_eval import window_overrides
 
-        return window_overrides(run / "config.yaml", frames, LONG_WINDOW)
+        return window_overrides(run / "config.yaml", frames, self.window())
 
     def machine(self) -> str:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {self.profile.nproc} process(es)"

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .continuation import Continuation, context_frames, evaluate_continuation
-from .render import SHADES, Clip, Prompt
+from .render import SHADES, Clip, Prompt, starts
 from .stats import mean_interval, wilson_interval
 
 __all__ = [
@@ -67,11 +67,17 @@ SETTINGS = {
 }
 
 
-def continuation_clips(prompts: Sequence[Prompt], samples: int) -> list[Clip]:
+def continuation_clips(prompts: Sequence[Prompt], samples: int, random_start: bool = False) -> list[Clip]:
     """`samples` clips per prompt, prompt by prompt: sample i of prompt j has shade `(j + i) % 3`, so
     the shades stay balanced over the prompts even with fewer than 3 samples per prompt (a model that
-    always draws one shade must not look right)."""
-    return [Clip(q, (j + i) % len(SHADES)) for j, q in enumerate(prompts) for i in range(samples)]
+    always draws one shade must not look right); with `random_start`, start `STARTS[(j + i) % 8]`
+    (every shade-start pair once in 24 consecutive samples)."""
+    first = starts(random_start)
+    return [
+        Clip(q, (j + i) % len(SHADES), first[(j + i) % len(first)])
+        for j, q in enumerate(prompts)
+        for i in range(samples)
+    ]
 
 
 def window_overrides(config: Path, num_frames: int, window: Sequence[str]) -> tuple[str, ...]:
@@ -134,11 +140,13 @@ def run_continuation_eval(
     window: Sequence[str],
     out_dir: Path,
     say=print,
+    random_start: bool = False,
 ) -> dict:
     """Continue held-out clips with every run (`settings_of[name]`: the settings it is judged on) and
     write `<out_dir>/continuation.json` (`{method: {setting: {"summary", "segments"}}}`, with a "data"
     row: the real clips themselves, and a "settings" entry) and `continuation_samples.pt` (per setting:
-    `{"clips": [(prompt, shade)], "num_context_frames", "videos": {method: [n, F, 3, H, W]}}`)."""
+    `{"clips": [(prompt, shade, start)], "num_context_frames", "videos": {method: [n, F, 3, H, W]}}`).
+    `random_start`: the clips of the world whose objects start anywhere along their path."""
     used = [SETTINGS[s] for s in SETTINGS if any(s in names for names in settings_of.values())]
     results: dict[str, dict] = {
         "settings": {
@@ -154,14 +162,14 @@ def run_continuation_eval(
     samples: dict[str, dict] = {}
     for setting in used:
         n = long_samples if setting.long else eval_samples
-        clips = continuation_clips(prompts, n)
+        clips = continuation_clips(prompts, n, random_start)
         truth = context_frames(clips, setting.num_frames)  # the real clips, whole
         results["data"][setting.name] = summarise(
             evaluate_continuation(truth, clips, setting.num_context_frames, SEGMENT_FRAMES)
         )
         rows = _strip_rows(prompts, n)
         samples[setting.name] = {
-            "clips": [(clips[i].prompt.text, clips[i].shade) for i in rows],
+            "clips": [(clips[i].prompt.text, clips[i].shade, clips[i].start) for i in rows],
             "num_context_frames": setting.num_context_frames,
             "videos": {},
         }

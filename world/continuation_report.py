@@ -123,9 +123,9 @@ def _strips(
             f"{results['settings'][name]['title']}; rows: truth, " + ", ".join(label(m) for m in methods),
             "",
         ]
-        for i, (text, shade) in enumerate(part["clips"]):
+        for i, (text, shade, *start) in enumerate(part["clips"]):  # start: absent in older runs
             video = part["videos"][methods[0]][i]
-            truth = context_frames([Clip(Prompt.parse(text), shade)], video.shape[0])[0]
+            truth = context_frames([Clip(Prompt.parse(text), shade, *start)], video.shape[0])[0]
             rows = [_frames(truth, k), *(_frames(part["videos"][m][i], k) for m in methods)]
             stem = f"continuation_{name}_{i}"
             imageio.imwrite(fig_dir / f"{stem}.png", np.concatenate([np.concatenate(r, 1) for r in rows], 0))

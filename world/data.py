@@ -11,7 +11,7 @@ from pathlib import Path
 from utils.lmdb import LMDBWriter, shard_path
 
 from .codec import WorldCodec
-from .render import Prompt, clips_of, render
+from .render import START, Clip, Prompt, clips_of, render
 
 
 def write_prompt_file(path: str | os.PathLike, prompts: list[Prompt]) -> Path:
@@ -24,19 +24,24 @@ def write_prompt_file(path: str | os.PathLike, prompts: list[Prompt]) -> Path:
     return path
 
 
-def write_clip_lmdb(out: str | os.PathLike, prompts: list[Prompt], num_frames: int) -> int:
-    """Every clip of `prompts` as a clean-latent row `[F, 48, 4, 4]` keyed '<prompt>#<shade>' in
-    `<out>/shard_0` (`LatentLMDBDataset`'s layout, as `scripts/encode_videos.py` writes real videos).
-    Resumable: rows already present are skipped. Returns the number of rows in the data set."""
+def clip_key(clip: Clip) -> str:
+    """A clip's LMDB key: '<prompt>#<shade>', '@<start>' added when it does not start at the centre."""
+    return f"{clip.prompt.text}#{clip.shade}" + (f"@{clip.start}" if clip.start != START else "")
+
+
+def write_clip_lmdb(
+    out: str | os.PathLike, prompts: list[Prompt], num_frames: int, random_start: bool = False
+) -> int:
+    """Every clip of `prompts` (`clips_of(prompt, random_start)`) as a clean-latent row `[F, 48, 4, 4]`
+    keyed by `clip_key` in `<out>/shard_0` (`LatentLMDBDataset`'s layout, as `scripts/encode_videos.py`
+    writes real videos). Resumable: rows already present are skipped. Returns the number of rows."""
     codec = WorldCodec()
     with LMDBWriter(shard_path(out, 0), append=True) as writer:
         for prompt in prompts:
-            clips = [c for c in clips_of(prompt) if not writer.contains(f"{prompt.text}#{c.shade}")]
+            clips = [c for c in clips_of(prompt, random_start) if not writer.contains(clip_key(c))]
             if not clips:
                 continue
             videos = [render(c, num_frames).transpose(0, 1)[None] for c in clips]  # [1, 3, F, H, W]
             latents = [codec.encode(v)[0].numpy() for v in videos]
-            writer.write_many(
-                [prompt.text] * len(clips), latents, keys=[f"{prompt.text}#{c.shade}" for c in clips]
-            )
+            writer.write_many([prompt.text] * len(clips), latents, keys=[clip_key(c) for c in clips])
         return len(writer)

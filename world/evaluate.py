@@ -41,6 +41,7 @@ from world.render import (
     clips_of,
     object_mask,
     render,
+    starts,
     trajectory,
 )
 from world.stats import mean_interval, wilson_interval, with_interval
@@ -88,7 +89,13 @@ PRECISION_RMSE = 0.1
 # that far: the mean stays finite and a missing object always counts worse than a misplaced one.
 MISSING_DISTANCE = (SIZE - 1) * 2**0.5
 
-_HYPOTHESES = tuple((d, s) for d in DIRECTIONS for s in SPEEDS)
+_MOTIONS = tuple((d, s) for d in DIRECTIONS for s in SPEEDS)
+
+
+def _hypotheses(random_start: bool) -> tuple[tuple[str, str, int], ...]:
+    """(direction, speed, start) of every path an object can follow in the world."""
+    return tuple((d, s, p) for d, s in _MOTIONS for p in starts(random_start))
+
 
 # The scalar keys of a summary (and `shade_counts`), in table order. Every scalar key also has
 # `<key>_ci`: [lo, hi], its 95% interval; `coherence_by_frame` (+ `_ci`) holds one rate per frame.
@@ -129,7 +136,7 @@ class SampleResult:
     coherent: bool  # every frame coherent
     frame_coherent: tuple[bool, ...]  # per frame: one object, sized like the decoded shape, no teleport
     trajectory_error: float  # mean px from the asked prompt's path (MISSING_DISTANCE without an object)
-    nearest_shade: int  # the nearest real clip: index into clips_of(prompt), i.e. into SHADES
+    nearest_shade: int  # the nearest real clip's shade (index into SHADES)
     rmse: float  # RMSE (pixels in [-1, 1]) to that clip
     precise: bool  # all attributes right and rmse < PRECISION_RMSE
 
@@ -144,9 +151,11 @@ class _Frames:
     centre: Tensor  # [N, F, 2] (y, x) centroid of the object; NaN when there is none
     colour_sum: Tensor  # [N, F, 3] sum of the object's pixel colours
     overlap: Tensor  # [N, F, len(SHAPES)] IoU of the object with each shape's footprint at its centre
-    fit: Tensor  # [N, len(_HYPOTHESES), F] distance of the centre from each hypothesis' position
-    path_distance: Tensor  # [N, F] distance of the centre from the asked prompt's path; NaN without object
-    mse: Tensor  # [N, len(SHADES), F] mean squared pixel error to each real clip of the prompt
+    fit: Tensor  # [N, len(hypotheses), F] distance of the centre from each hypothesis' position
+    asked: Tensor  # [N, len(starts)] the hypotheses of the asked prompt's motion, one per start
+    mse: Tensor  # [N, K, F] mean squared pixel error to each real clip of the prompt (clips_of order)
+    hypotheses: tuple[tuple[str, str, int], ...]
+    num_starts: int
 
 
 def summarise(results: Sequence[SampleResult]) -> dict[str, float | list]:
@@ -276,13 +285,16 @@ def segment_table(windows: Mapping[str, Sequence[tuple[str, Mapping]]], key: str
     return format_table(rows, columns=columns, digits=2, intervals=True)
 
 
-def evaluate(videos: Tensor, prompts: Sequence[Prompt | str], segment_frames: int = 12) -> Evaluation:
+def evaluate(
+    videos: Tensor, prompts: Sequence[Prompt | str], segment_frames: int = 12, random_start: bool = False
+) -> Evaluation:
     """Judge generated videos `[N, F, 3, H, W]` (pixels in [-1, 1]); `prompts[i]` is what video i
-    was asked for (a Prompt or its text)."""
+    was asked for (a Prompt or its text). `random_start`: the world whose objects start anywhere along
+    their path (`world.render`); the start is then fitted like the motion (a nuisance, not judged)."""
     prompts = [Prompt.parse(p) if isinstance(p, str) else p for p in prompts]
     _check_inputs(videos, prompts, segment_frames)
     videos = videos.detach().to("cpu", torch.float32)
-    frames = _decode_frames(videos, prompts)
+    frames = _decode_frames(videos, prompts, random_start)
     samples = _judge(frames, prompts, 0, videos.shape[1])
     return Evaluation(samples, segment_frames, frames, prompts)
 
@@ -316,18 +328,19 @@ def _footprints() -> Tensor:
 
 
 @lru_cache(maxsize=8)
-def _hypothesis_centres(num_frames: int) -> Tensor:
-    """`[len(_HYPOTHESES), F, 2]` centre (y, x) of the object under each (direction, speed)."""
+def _hypothesis_centres(num_frames: int, random_start: bool) -> Tensor:
+    """`[len(hypotheses), F, 2]` centre (y, x) of the object under each (direction, speed, start)."""
     any_look = (_COLOUR_NAMES[0], SHAPES[0])  # the trajectory depends on motion only
     return torch.tensor(
-        [trajectory(Prompt(*any_look, d, s), num_frames) for d, s in _HYPOTHESES], dtype=torch.float32
+        [trajectory(Prompt(*any_look, d, s), num_frames, p) for d, s, p in _hypotheses(random_start)],
+        dtype=torch.float32,
     )
 
 
 @lru_cache(maxsize=512)
-def _real_clips(prompt: Prompt, num_frames: int) -> Tensor:
-    """`[len(SHADES), F, 3, H, W]` the prompt's clips (cached: rendering is the slow part; not mutated)."""
-    return torch.stack([render(c, num_frames) for c in clips_of(prompt)])
+def _real_clips(prompt: Prompt, num_frames: int, random_start: bool) -> Tensor:
+    """`[K, F, 3, H, W]` the prompt's clips (cached: rendering is the slow part; not mutated)."""
+    return torch.stack([render(c, num_frames) for c in clips_of(prompt, random_start)])
 
 
 def _connected_components(mask: Tensor) -> Tensor:
@@ -348,7 +361,7 @@ def _connected_components(mask: Tensor) -> Tensor:
     return labels.long()
 
 
-def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
+def _decode_frames(videos: Tensor, prompts: list[Prompt], random_start: bool) -> _Frames:
     n, f = videos.shape[:2]
     pixels = videos.flatten(0, 1)  # [M, 3, H, W], M = N * F
 
@@ -383,13 +396,15 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
 
     # 4. Motion evidence: distance of the centre from every hypothesis' trajectory, frame by frame.
     centre = centre.view(n, f, 2)
-    fit = (centre[:, None] - _hypothesis_centres(f)[None]).norm(dim=-1)  # [N, 8, F]
-    # The true path depends on the prompt's motion only, so it is one of the hypotheses' paths.
-    asked = torch.tensor([_HYPOTHESES.index((p.direction, p.speed)) for p in prompts])
-    path_distance = fit[torch.arange(n), asked]  # [N, F]
+    hypotheses = _hypotheses(random_start)
+    fit = (centre[:, None] - _hypothesis_centres(f, random_start)[None]).norm(dim=-1)  # [N, hyp, F]
+    # The true paths depend on the prompt's motion (and start) only, so they are hypotheses' paths.
+    num_starts = len(starts(random_start))
+    asked = torch.tensor([hypotheses.index((p.direction, p.speed, starts(random_start)[0])) for p in prompts])
+    asked = asked[:, None] + torch.arange(num_starts)  # [N, starts]: _hypotheses is motion-major
 
     # 5. Distance to every real clip of the prompt, per frame, so any window's RMSE is a mean.
-    truth = torch.stack([_real_clips(p, f) for p in prompts])  # [N, S, F, 3, H, W]
+    truth = torch.stack([_real_clips(p, f, random_start) for p in prompts])  # [N, K, F, 3, H, W]
     mse = (videos[:, None] - truth).square().mean((-1, -2, -3))
 
     return _Frames(
@@ -400,8 +415,10 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt]) -> _Frames:
         colour_sum=colour_sum.view(n, f, 3),
         overlap=overlap.reshape(n, f, len(SHAPES)),
         fit=fit,
-        path_distance=path_distance,
+        asked=asked,
         mse=mse,
+        hypotheses=hypotheses,
+        num_starts=num_starts,
     )
 
 
@@ -420,10 +437,15 @@ def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> lis
 
     frame_coherent = _frame_coherence(frames, shape, w)  # [N, W]
     coherent = frame_coherent.all(1)
-    # A frame without an object is MISSING_DISTANCE from the path (worse than any misplaced object).
-    trajectory_error = frames.path_distance[:, w].nan_to_num(MISSING_DISTANCE).mean(1)
+    # The asked prompt's path: of its starts, the one the window's centres fit best. A frame without
+    # an object is MISSING_DISTANCE from the path (worse than any misplaced object).
+    rows = torch.arange(len(prompts))
+    asked_fit = frames.fit[rows[:, None], frames.asked][:, :, w]  # [N, starts, W]
+    best_start = asked_fit.nanmean(-1).nan_to_num(float("inf")).argmin(-1)
+    trajectory_error = asked_fit[rows, best_start].nan_to_num(MISSING_DISTANCE).mean(1)
 
     rmse, nearest = frames.mse[:, :, w].mean(-1).sqrt().min(-1)
+    nearest_shade = nearest // frames.num_starts  # clips_of is shade-major
 
     results = []
     frame_coherent_rows = frame_coherent.tolist()
@@ -431,7 +453,7 @@ def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> lis
         has_object, fits = bool(seen[i]), float(fit_error[i]) <= FIT_TOLERANCE
         decoded_colour = _COLOUR_NAMES[colour[i]] if has_object else None
         decoded_shape = SHAPES[shape[i]] if has_object else None
-        direction, speed = _HYPOTHESES[motion[i]] if fits else (None, None)
+        direction, speed = frames.hypotheses[motion[i]][:2] if fits else (None, None)
         correct = (
             decoded_colour == prompt.colour,
             decoded_shape == prompt.shape,
@@ -455,7 +477,7 @@ def _judge(frames: _Frames, prompts: list[Prompt], start: int, stop: int) -> lis
                 coherent=bool(coherent[i]),
                 frame_coherent=tuple(frame_coherent_rows[i]),
                 trajectory_error=float(trajectory_error[i]),
-                nearest_shade=int(nearest[i]),
+                nearest_shade=int(nearest_shade[i]),
                 rmse=float(rmse[i]),
                 precise=all(correct) and float(rmse[i]) < PRECISION_RMSE,
             )

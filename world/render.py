@@ -7,6 +7,11 @@ fast"); the background shade is the diversity inside a prompt (3 clips per promp
 pure function of its attributes and its length, so the data set is rendered on the fly, any length:
 the truth of a 36-frame rollout is known as exactly as that of a 12-frame one.
 
+With `random_start` the object starts anywhere along its path instead of at the centre (its centre
+pixel at frame 0 is one of the STARTS positions on the axis of motion, heading the way the prompt
+says): 8 starts x 3 shades = 24 clips per prompt. Then no frame index tells where the object is;
+only the earlier frames do, which is what a rollout past the training length has to rely on.
+
 Pixels are in [-1, 1] (the VAE convention), layout `[F, 3, H, W]`.
 """
 
@@ -22,6 +27,10 @@ SIZE = 16  # frame height and width in pixels
 RADIUS = 2  # the object fills a 5x5 box around its centre pixel (the circle drops the box's corners)
 LOW, HIGH = RADIUS, SIZE - 1 - RADIUS  # range of the centre pixel: the object stays inside the frame
 START = SIZE // 2 - 1  # centre pixel at frame 0 (the 16-pixel frame has no single centre pixel)
+# random_start: the object's frame-0 position along its axis. Its first step never bounces (at either
+# speed), so no clip of one direction is also a clip of the opposite one (from LOW, "left" would
+# bounce at once and draw the very clip "right" draws from LOW). 8 starts, the centre among them.
+STARTS = tuple(range(LOW + 2, HIGH - 2 + 1))
 
 # Colours in [0, 1] RGB: saturated hues, far from every background grey and from each other.
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -78,6 +87,7 @@ class Prompt:
 class Clip:
     prompt: Prompt
     shade: int  # index into SHADES
+    start: int = START  # the centre's coordinate along the axis of motion at frame 0
 
 
 def all_prompts() -> list[Prompt]:
@@ -85,9 +95,15 @@ def all_prompts() -> list[Prompt]:
     return [Prompt(*values) for values in product(COLOURS, SHAPES, DIRECTIONS, SPEEDS)]
 
 
-def clips_of(prompt: Prompt) -> list[Clip]:
-    """The clips a prompt describes: one per background shade, equally likely."""
-    return [Clip(prompt, s) for s in range(len(SHADES))]
+def starts(random_start: bool) -> tuple[int, ...]:
+    """The frame-0 positions along the axis of motion a clip may have."""
+    return STARTS if random_start else (START,)
+
+
+def clips_of(prompt: Prompt, random_start: bool = False) -> list[Clip]:
+    """The clips a prompt describes, equally likely: one per background shade (and, with
+    `random_start`, per start along the path), shade-major: clip k has shade k // len(starts)."""
+    return [Clip(prompt, s, p) for s in range(len(SHADES)) for p in starts(random_start)]
 
 
 def split_prompts(num_heldout: int = 10, seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
@@ -109,11 +125,13 @@ def reflect(position: int, low: int = LOW, high: int = HIGH) -> int:
     return low + (offset if offset <= high - low else period - offset)
 
 
-def trajectory(prompt: Prompt, num_frames: int) -> list[tuple[int, int]]:
-    """Centre pixel (y, x) of the object in every frame."""
+def trajectory(prompt: Prompt, num_frames: int, start: int = START) -> list[tuple[int, int]]:
+    """Centre pixel (y, x) of the object in every frame; `start` is its frame-0 coordinate along the
+    axis of motion (the other coordinate is the centre's)."""
     dy, dx = DIRECTIONS[prompt.direction]
     v = SPEEDS[prompt.speed]
-    return [(reflect(START + dy * v * f), reflect(START + dx * v * f)) for f in range(num_frames)]
+    y0, x0 = (start, START) if dy else (START, start)
+    return [(reflect(y0 + dy * v * f), reflect(x0 + dx * v * f)) for f in range(num_frames)]
 
 
 def object_mask(shape: str, y: int, x: int) -> torch.Tensor:
@@ -130,12 +148,12 @@ def render(clip: Clip, num_frames: int) -> torch.Tensor:
     """The clip as pixels `[F, 3, H, W]` in [-1, 1] (float32)."""
     colour = torch.tensor(COLOURS[clip.prompt.colour]).view(3, 1, 1)
     frames = torch.full((num_frames, 3, SIZE, SIZE), SHADES[clip.shade])
-    for f, (y, x) in enumerate(trajectory(clip.prompt, num_frames)):
+    for f, (y, x) in enumerate(trajectory(clip.prompt, num_frames, clip.start)):
         mask = object_mask(clip.prompt.shape, y, x)
         frames[f] = torch.where(mask, colour, frames[f])
     return frames * 2.0 - 1.0
 
 
-def render_prompt(prompt: Prompt, num_frames: int) -> torch.Tensor:
-    """All clips of a prompt, `[S, F, 3, H, W]` (S = number of shades)."""
-    return torch.stack([render(c, num_frames) for c in clips_of(prompt)])
+def render_prompt(prompt: Prompt, num_frames: int, random_start: bool = False) -> torch.Tensor:
+    """All clips of a prompt, `[K, F, 3, H, W]` in `clips_of` order (K = shades x starts)."""
+    return torch.stack([render(c, num_frames) for c in clips_of(prompt, random_start)])

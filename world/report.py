@@ -38,7 +38,7 @@ MAX_SHADE_TV = 0.3
 SPLITS = {
     "heldout": "Held-out prompts, 12 frames (the training length)",
     "train": "Training prompts, 12 frames",
-    "heldout_long": "Held-out prompts, 36 frames (3x, rolling KV window of 12 frames with a 3-frame sink)",
+    "heldout_long": "Held-out prompts, 36 frames (3x, rolling KV window of 12 frames; the world line above says which sink)",
 }
 BASE_SPLITS = {
     "heldout": "held-out prompts, the students' 4-step schedule",
@@ -74,6 +74,10 @@ class ReportInputs:
     labels: Mapping[str, str] = field(default_factory=dict)  # method -> display name
     continuation: Path | None = None  # continuation.json of world.continuation_eval (None: no section)
     continuation_samples: Path | None = None  # its continuation_samples.pt (strips and mp4s)
+    world: str = (
+        "every object starts at the centre; networks with sin/cos frame rows; past 12 frames a rolling "
+        "window of 12 frames whose first block (3 frames) is a sink"
+    )
 
     def label(self, method: str) -> str:
         return self.labels.get(method, DEFAULT_LABELS.get(method, method))
@@ -291,7 +295,7 @@ def write_report(inputs: ReportInputs) -> Path:
     methods = ["data", *inputs.students]
 
     lines = [f"# Shapes world: the Self-Forcing recipe end to end ({inputs.profile} profile)", ""]
-    lines += [f"Machine: {inputs.machine}.", ""]
+    lines += [f"Machine: {inputs.machine}.", "", f"World: {inputs.world}.", ""]
     lines += ["| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {stage} | {'-' if t is None else f'{t:.0f}'} |" for stage, t in inputs.stage_times.items()]
     lines += ["", *_reading_guide()]

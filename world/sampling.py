@@ -145,13 +145,16 @@ def x0_rmse(
     timesteps: Sequence[float],
     draws: int = 4,
     seed: int = 0,
+    random_start: bool = False,
 ) -> dict[str, float]:
     """Root mean squared difference between a network's x0 prediction and the exact teacher's (the
     posterior mean), over every clip of `prompts` noised to each timestep (`draws` noise draws each):
-    `{str(t): rmse}` in pixel units ([-1, 1])."""
+    `{str(t): rmse}` in pixel units ([-1, 1]). `random_start`: that world's clips and teacher."""
     text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
-    teacher = ExactTeacher(text)
-    clips = torch.stack([render_prompt(q, num_frames) for q in prompts]).flatten(0, 1)  # [P*S, F, 3, H, W]
+    teacher = ExactTeacher(text, random_start=random_start)
+    clips = torch.stack([render_prompt(q, num_frames, random_start) for q in prompts]).flatten(
+        0, 1
+    )  # [P*K, ...]
     clean = WorldCodec().encode(clips.transpose(1, 2))
     per_prompt = clips.shape[0] // len(prompts)
     embeds = text([q.text for q in prompts])["prompt_embeds"].repeat_interleave(per_prompt, 0)
@@ -206,10 +209,11 @@ def base_ode_samples(
 
 
 def base_x0_rmse(
-    run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, timesteps: Sequence[float]
-) -> dict[str, float]:
+    run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, timesteps: Sequence[float],
+    random_start: bool = False,
+) -> dict[str, float]:  # fmt: skip
     _, wrapper = load_network(run_dir, config)
-    return x0_rmse(bidirectional_copy(wrapper), prompts, num_frames, timesteps)
+    return x0_rmse(bidirectional_copy(wrapper), prompts, num_frames, timesteps, random_start=random_start)
 
 
 def _latent_grid() -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The exact teacher: the posterior mean of the shapes world, behind `WanDiffusionWrapper`'s interface.
 
-A prompt describes a few clips x0_i (one per background shade), equally likely. Under flow matching
+A prompt describes a few clips x0_i (one per background shade; with `random_start`, one per shade and
+start along the path), equally likely. Under flow matching
 `x_t = (1 - s) x0 + s * noise` (s = sigma = t / 1000, per frame), the denoiser is closed form:
 
     E[x0 | x_t, c] = sum_i softmax_i( -sum_f ||x_t,f - (1 - s_f) x0_i,f||^2 / (2 s_f^2) ) x0_i
@@ -32,12 +33,17 @@ class ExactTeacher(nn.Module):
             name); the teacher recognises a prompt by its embedding.
         prompts: the prompts it knows (default: the whole world, held-out prompts included: the
             teacher stands for the true distribution).
+        random_start: the world whose objects start anywhere along their path (`world.render`).
     """
 
     def __init__(
-        self, text_encoder: WorldTextEncoder | None = None, prompts: list[Prompt] | None = None
+        self,
+        text_encoder: WorldTextEncoder | None = None,
+        prompts: list[Prompt] | None = None,
+        random_start: bool = False,
     ) -> None:
         super().__init__()
+        self.random_start = bool(random_start)
         text_encoder = text_encoder if text_encoder is not None else WorldTextEncoder()
         self.prompts = list(prompts) if prompts is not None else all_prompts()
         keys = text_encoder([p.text for p in self.prompts])["prompt_embeds"]
@@ -48,11 +54,11 @@ class ExactTeacher(nn.Module):
         self._clips: dict[int, Tensor] = {}
 
     def clip_latents(self, num_frames: int) -> Tensor:
-        """`[P, S, F, C, h, w]` latents of every clip of every prompt (cached per length)."""
+        """`[P, K, F, C, h, w]` latents of every clip of every prompt (cached per length)."""
         if num_frames not in self._clips:
-            videos = torch.stack([render_prompt(p, num_frames) for p in self.prompts])  # [P,S,F,3,H,W]
+            videos = torch.stack([render_prompt(p, num_frames, self.random_start) for p in self.prompts])
             p, s = videos.shape[:2]
-            lat = self.codec.encode(videos.flatten(0, 1).transpose(1, 2))  # [P*S, F, C, h, w]
+            lat = self.codec.encode(videos.flatten(0, 1).transpose(1, 2))  # [P*K, F, C, h, w]
             self._clips[num_frames] = lat.unflatten(0, (p, s)).to(self.keys.device)
         return self._clips[num_frames]
 
@@ -104,15 +110,15 @@ class ExactTeacher(nn.Module):
         t = t.expand(b) if t.dim() == 0 else t
         t = t[:, None].expand(b, f) if t.dim() == 1 else t
         sigma = (t / 1000.0).clamp(min=MIN_SIGMA)
-        clips = self.clip_latents(f).to(noisy.device)  # [P, S, F, C, h, w]
+        clips = self.clip_latents(f).to(noisy.device)  # [P, K, F, C, h, w]
         x = noisy.float()
         index = self.prompt_index(context)
         cond = (index >= 0).nonzero().flatten()
         uncond = (index < 0).nonzero().flatten()
         x0 = x.new_empty(x.shape)
-        if len(cond):  # a prompt's own S clips
+        if len(cond):  # a prompt's own K clips
             x0[cond] = self.posterior_mean(x[cond], sigma[cond], clips[index[cond]])
-        # The empty prompt: every clip of the world. Rows in chunks, so the [rows, P*S, F, C, h, w]
+        # The empty prompt: every clip of the world. Rows in chunks, so the [rows, P*K, F, C, h, w]
         # differences stay near UNCOND_CHUNK_ELEMENTS elements.
         every = clips.flatten(0, 1)[None]
         rows = max(1, UNCOND_CHUNK_ELEMENTS // every.numel())
