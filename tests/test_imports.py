@@ -100,3 +100,23 @@ def test_the_checker_resolves_absolute_relative_and_lazy_imports(tmp_path):
     )
     known = {"utils", "utils.a", "utils.c", "world", "world.b", "model", "model.d"}
     assert _imports("utils.a", probe, known) == {"world.b", "utils", "utils.c", "model.d"}
+
+
+def test_entry_points_import_transformers_and_diffusers_only_when_they_build_with_them():
+    """train.py, inference.py and the world's chain start without transformers and diffusers (seconds
+    of import each, paid by every process of a run and every subprocess of this suite); the lazy names
+    still resolve to the real classes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy\n"
+        "import train, inference, model.build, pipeline, world.chain\n"
+        "heavy = sorted(m for m in ('transformers', 'diffusers', 'peft') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "from wan import WanTextEncoder, WanVAE, StreamingDecoder\n"
+        "assert WanVAE.__module__ == 'wan.vae' and WanTextEncoder.__module__ == 'wan.text_encoder'\n"
+        "assert 'transformers' in sys.modules and 'diffusers' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
