@@ -177,3 +177,30 @@ def test_random_start_data_and_ode_teacher(tmp_path):
                 assert all(rows.contains(f"{p.text}#{shade}@{s}") for s in STARTS if s != 7)
     teacher = build_teacher("world", "exact-random-start", 0, torch.device("cpu"), torch.float32)
     assert teacher.random_start and not build_teacher("world", "exact", 0, "cpu", torch.float32).random_start
+
+
+def test_random_start_profile_wires_every_stage(tmp_path, monkeypatch):
+    """A --random_start chain gives every training stage the random-start overrides (after the stage's
+    own, before the profile's), its ODE pairs the random-start exact teacher, and its long rollouts the
+    window without a sink; the default profile gives none of them (the commands are captured, not run)."""
+    import dataclasses
+
+    from world.chain import LONG_WINDOW, RANDOM_START_LONG_WINDOW, RANDOM_START_OVERRIDES, Chain
+
+    for random_start in (False, True):
+        profile = dataclasses.replace(PROFILES["full"], random_start=random_start)
+        chain = Chain(tmp_path / str(random_start), profile)
+        commands: dict[str, list[str]] = {}
+        monkeypatch.setattr(
+            chain,
+            "_subprocess",
+            lambda stage, cmd, total_steps=None, seen=commands: seen.setdefault(stage, cmd),
+        )  # the first command of a stage: train.py (the export follows)
+        chain.train("sf_dmd", "probe", ["data_path=x"], 3)
+        chain.ode_pairs()
+        args = commands["sf_dmd"]
+        extra = list(RANDOM_START_OVERRIDES) if random_start else []
+        assert args[args.index("data_path=x") :] == ["data_path=x", *extra, *profile.overrides["sf_dmd"]]
+        weights = commands["ode_pairs"][commands["ode_pairs"].index("--weights") + 1]
+        assert weights == ("exact-random-start" if random_start else "exact")
+        assert chain.window() == (RANDOM_START_LONG_WINDOW if random_start else LONG_WINDOW)
