@@ -100,10 +100,8 @@ def build_teacher(
     model: str, weights: str | None, seed: int, device: torch.device, dtype: torch.dtype
 ) -> WanDiffusionWrapper:
     """The frozen bidirectional teacher as a `WanDiffusionWrapper` in eval mode on ``device``."""
-    if weights in (
-        "exact",
-        "exact-random-start",
-    ):  # the shapes world's closed-form teacher (world/teacher.py)
+    # the shapes world's closed-form teacher (world/teacher.py), of the centre-start or random-start world
+    if weights in ("exact", "exact-random-start"):
         if model != "world":
             raise ValueError(
                 f"--weights exact is the shapes world's teacher; it needs --model world, not {model}"

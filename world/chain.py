@@ -128,6 +128,10 @@ RANDOM_START_OVERRIDES = (
     "fake_score_model.pos_embed_frame_rows=false",
 )
 RANDOM_START_LONG_WINDOW = ("model_kwargs.local_attn_size=12", "model_kwargs.sink_size=0")
+CENTRE_START_WORLD = (
+    "every object starts at the centre; networks with sin/cos frame rows; past 12 frames a rolling "
+    "window of 12 frames whose first block (3 frames) is a sink"
+)
 RANDOM_START_WORLD = (
     "random starts: every object starts at one of 8 positions along its path (24 clips per prompt); "
     "networks without frame rows (RoPE alone orders frames); past 12 frames a rolling window of 12 "
@@ -343,7 +347,7 @@ class Chain:
                 loss_logs={s: self.stage_dir(s) / "metrics.jsonl" for s in ("base", "ode", "sf_dmd", *i2v, *p.baselines)},
                 labels=LABELS, continuation=self.stage_dir("eval") / "continuation.json",
                 continuation_samples=self.stage_dir("eval") / "continuation_samples.pt",
-                **({"world": RANDOM_START_WORLD} if p.random_start else {}),
+                world=RANDOM_START_WORLD if p.random_start else CENTRE_START_WORLD,
             )
         )  # fmt: skip
         _say(f"[report] {self.root / 'report.md'}")

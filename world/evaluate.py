@@ -400,8 +400,9 @@ def _decode_frames(videos: Tensor, prompts: list[Prompt], random_start: bool) ->
     fit = (centre[:, None] - _hypothesis_centres(f, random_start)[None]).norm(dim=-1)  # [N, hyp, F]
     # The true paths depend on the prompt's motion (and start) only, so they are hypotheses' paths.
     num_starts = len(starts(random_start))
-    asked = torch.tensor([hypotheses.index((p.direction, p.speed, starts(random_start)[0])) for p in prompts])
-    asked = asked[:, None] + torch.arange(num_starts)  # [N, starts]: _hypotheses is motion-major
+    # _hypotheses is motion-major: motion m's starts are hypotheses m * num_starts + 0 .. num_starts - 1.
+    motion = torch.tensor([_MOTIONS.index((p.direction, p.speed)) for p in prompts])
+    asked = motion[:, None] * num_starts + torch.arange(num_starts)  # [N, starts]
 
     # 5. Distance to every real clip of the prompt, per frame, so any window's RMSE is a mean.
     truth = torch.stack([_real_clips(p, f, random_start) for p in prompts])  # [N, K, F, 3, H, W]

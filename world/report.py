@@ -74,10 +74,7 @@ class ReportInputs:
     labels: Mapping[str, str] = field(default_factory=dict)  # method -> display name
     continuation: Path | None = None  # continuation.json of world.continuation_eval (None: no section)
     continuation_samples: Path | None = None  # its continuation_samples.pt (strips and mp4s)
-    world: str = (
-        "every object starts at the centre; networks with sin/cos frame rows; past 12 frames a rolling "
-        "window of 12 frames whose first block (3 frames) is a sink"
-    )
+    world: str = ""  # which world and long-rollout window the run used (a "World:" line when given)
 
     def label(self, method: str) -> str:
         return self.labels.get(method, DEFAULT_LABELS.get(method, method))
@@ -295,7 +292,9 @@ def write_report(inputs: ReportInputs) -> Path:
     methods = ["data", *inputs.students]
 
     lines = [f"# Shapes world: the Self-Forcing recipe end to end ({inputs.profile} profile)", ""]
-    lines += [f"Machine: {inputs.machine}.", "", f"World: {inputs.world}.", ""]
+    lines += [f"Machine: {inputs.machine}.", ""]
+    if inputs.world:
+        lines += [f"World: {inputs.world}.", ""]
     lines += ["| stage | wall time (s) |", "|---|---|"]
     lines += [f"| {stage} | {'-' if t is None else f'{t:.0f}'} |" for stage, t in inputs.stage_times.items()]
     lines += ["", *_reading_guide()]

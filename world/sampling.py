@@ -152,9 +152,7 @@ def x0_rmse(
     `{str(t): rmse}` in pixel units ([-1, 1]). `random_start`: that world's clips and teacher."""
     text = WorldTextEncoder(wrapper.config.text_dim, wrapper.config.text_len)
     teacher = ExactTeacher(text, random_start=random_start)
-    clips = torch.stack([render_prompt(q, num_frames, random_start) for q in prompts]).flatten(
-        0, 1
-    )  # [P*K, ...]
+    clips = torch.cat([render_prompt(q, num_frames, random_start) for q in prompts])  # [P*K, F, 3, H, W]
     clean = WorldCodec().encode(clips.transpose(1, 2))
     per_prompt = clips.shape[0] // len(prompts)
     embeds = text([q.text for q in prompts])["prompt_embeds"].repeat_interleave(per_prompt, 0)
