@@ -41,7 +41,21 @@ def test_every_distill_variant_is_a_valid_config(tmp_path):
     config = Path(sweep.__file__).resolve().parents[1] / "configs" / "world" / "dmd.yaml"
     for name, overrides in sweep.DISTILL_VARIANTS.items():
         cfg = load_config(config, [o.format(root=tmp_path) for o in overrides])
-        assert cfg.trainer == ("sid" if name.startswith("sid_") else "dmd"), name
+        expected = "sid" if name.startswith("sid_") else "causvid" if name[:3] in ("tf_", "df_") else "dmd"
+        assert cfg.trainer == expected, name
+        if "ema_weight=0.95" in overrides:
+            assert cfg.ema_weight == 0.95 and cfg.ema_start_step == 200
+    # the baselines' variants are the chain's baseline configs with the same critic knobs
+    for name, stage in (
+        ("tf_ratio10_lr5e-5", "dmd_teacher_forcing"),
+        ("df_ratio10_lr5e-5", "dmd_diffusion_forcing"),
+    ):
+        ours = load_config(config, [o.format(root=tmp_path) for o in sweep.DISTILL_VARIANTS[name]])
+        theirs = load_config(
+            config.with_name(f"{stage}.yaml"),
+            [*sweep.DMD_CRITIC_KEEPS_UP, f"data_path={tmp_path}/data/clips"],
+        )
+        assert ours == theirs, name
     cfg = load_config(config, sweep.DISTILL_VARIANTS["sid_alpha1.2"])
     assert cfg.sid_alpha == 1.2
     real = [o.format(root=tmp_path) for o in sweep.DISTILL_VARIANTS["dmd_real_score_is_base"]]

@@ -67,14 +67,15 @@ def load_run_config(config: Path, overrides: Sequence[str] = ()):
     return load_config(str(config), [*legacy, *overrides])
 
 
-def load_network(run_dir: Path, config: Path, overrides: Sequence[str] = ()):
-    """(config, generator wrapper in eval mode with the run's trained weights)."""
+def load_network(run_dir: Path, config: Path, overrides: Sequence[str] = (), entry: str = "generator"):
+    """(config, generator wrapper in eval mode with the run's trained weights: `entry` "generator", or
+    "ema" / "ema_<rate>" for its EMA)."""
     from model.build import make_dit
     from utils.checkpoint import read_run_model
 
     cfg = load_run_config(config, overrides)
     wrapper = make_dit(cfg, "generator")
-    wrapper.load_state_dict(read_run_model(run_dir, "generator"))
+    wrapper.load_state_dict(read_run_model(run_dir, entry))
     return cfg, wrapper.eval()
 
 
@@ -185,14 +186,14 @@ def bidirectional_copy(wrapper):
 
 def generate(
     run_dir: Path, config: Path, prompts: Sequence[Prompt], num_frames: int, overrides: Sequence[str] = (),
-    seed: int = 0, context: Tensor | None = None,
+    seed: int = 0, context: Tensor | None = None, entry: str = "generator",
 ) -> Tensor:  # fmt: skip
-    """`few_step_samples` of a run's generator through the pipeline `inference.py` builds from the
-    run's config (block size, step list, first-frame layout, window; `overrides` change them);
-    `context`: given first frames, as there."""
+    """`few_step_samples` of a run's generator (or its EMA: `entry`, as `load_network`) through the
+    pipeline `inference.py` builds from the run's config (block size, step list, first-frame layout,
+    window; `overrides` change them); `context`: given first frames, as there."""
     from pipeline.from_config import inference_pipeline
 
-    cfg, wrapper = load_network(run_dir, config, overrides)
+    cfg, wrapper = load_network(run_dir, config, overrides, entry)
     pipe = inference_pipeline(cfg, wrapper, WorldCodec(), num_max_frames=num_frames)
     return few_step_samples(pipe, prompts, num_frames, seed, context)
 
