@@ -85,6 +85,11 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     # in `trainer`, `teacher_forcing` and `data_path`).
     "dmd_ratio10_lr5e-5_ema0.95": [*DMD_CRITIC_KEEPS_UP, "ema_weight=0.95", "ema_start_step=200"],
     "dmd_ratio10_lr5e-5_batch16": [*DMD_CRITIC_KEEPS_UP, "batch_size=16"],
+    # the exit step: one shared draw per rollout (upstream's default) trains one of the 4 steps per
+    # generator update, where teacher/diffusion forcing draw a step per chunk and sample; a draw per
+    # block; only the last step (the one whose output inference keeps)
+    "dmd_ratio10_lr5e-5_exit_per_block": [*DMD_CRITIC_KEEPS_UP, "same_step_across_blocks=false"],
+    "dmd_ratio10_lr5e-5_last_step_only": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true"],
     "tf_ratio10_lr5e-5": [
         *DMD_CRITIC_KEEPS_UP,
         "trainer=causvid",
