@@ -90,6 +90,16 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     # block; only the last step (the one whose output inference keeps)
     "dmd_ratio10_lr5e-5_exit_per_block": [*DMD_CRITIC_KEEPS_UP, "same_step_across_blocks=false"],
     "dmd_ratio10_lr5e-5_last_step_only": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true"],
+    # the score / critic timestep draw: shift 5 (as the students' schedule) puts 56% of the draws above
+    # t = 800 and 5% below 200, where edges are decided; shift 1 draws t uniformly
+    "dmd_ratio10_lr5e-5_score_shift1": [*DMD_CRITIC_KEEPS_UP, "timestep_shift=1.0"],
+    "tf_ratio10_lr5e-5_score_shift1": [
+        *DMD_CRITIC_KEEPS_UP,
+        "trainer=causvid",
+        "teacher_forcing=true",
+        "data_path={root}/data/clips",
+        "timestep_shift=1.0",
+    ],
     "tf_ratio10_lr5e-5": [
         *DMD_CRITIC_KEEPS_UP,
         "trainer=causvid",
