@@ -90,6 +90,9 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     # block; only the last step (the one whose output inference keeps)
     "dmd_ratio10_lr5e-5_exit_per_block": [*DMD_CRITIC_KEEPS_UP, "same_step_across_blocks=false"],
     "dmd_ratio10_lr5e-5_last_step_only": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true"],
+    "dmd_ratio10_lr5e-5_last_step_only_seed4": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true", "seed=4"],
+    "dmd_ratio10_lr5e-5_last_step_only_seed5": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true", "seed=5"],
+    "dmd_last_step_only": ["last_step_only=true"],  # the shipped ratio 5 / LR 1e-4: 160 generator updates
     # the score / critic timestep draw: shift 5 (as the students' schedule) puts 56% of the draws above
     # t = 800 and 5% below 200, where edges are decided; shift 1 draws t uniformly
     "dmd_ratio10_lr5e-5_score_shift1": [*DMD_CRITIC_KEEPS_UP, "timestep_shift=1.0"],
