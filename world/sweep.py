@@ -93,6 +93,12 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ratio10_lr5e-5_last_step_only_seed4": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true", "seed=4"],
     "dmd_ratio10_lr5e-5_last_step_only_seed5": [*DMD_CRITIC_KEEPS_UP, "last_step_only=true", "seed=5"],
     "dmd_last_step_only": ["last_step_only=true"],  # the shipped ratio 5 / LR 1e-4: 160 generator updates
+    "dmd_ratio10_lr5e-5_last_step_only_ema0.95": [
+        *DMD_CRITIC_KEEPS_UP,
+        "last_step_only=true",
+        "ema_weight=0.95",
+        "ema_start_step=200",
+    ],
     # the score / critic timestep draw: shift 5 (as the students' schedule) puts 56% of the draws above
     # t = 800 and 5% below 200, where edges are decided; shift 1 draws t uniformly
     "dmd_ratio10_lr5e-5_score_shift1": [*DMD_CRITIC_KEEPS_UP, "timestep_shift=1.0"],
