@@ -63,7 +63,17 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "sincos_text_dim128_x0": ({**SINCOS_TEXT, **DIM128, **X0[0]}, X0[1]),
 }  # fmt: skip
 
-# Distillation variants: train.py overrides on configs/world/dmd.yaml (ROOT: the chain's run root).
+# Distillation variants: train.py overrides on configs/world/dmd.yaml (ROOT: the chain's run root), on
+# top of DISTILL_PINNED: the config's settings as they were when these variants were run (the config
+# exits every block at the last step since `dmd_ratio10_lr5e-5_last_step_only` and its seeds won), so
+# every row of the README's tables reproduces.
+DISTILL_PINNED = ("last_step_only=false",)
+TEACHER_FORCING = (  # the chain's teacher-forcing baseline stage, as overrides on dmd.yaml
+    *DMD_CRITIC_KEEPS_UP,
+    "trainer=causvid",
+    "teacher_forcing=true",
+    "data_path={root}/data/clips",
+)
 DISTILL_VARIANTS: dict[str, list[str]] = {
     "dmd_ref": [],
     "dmd_critic_from_base": ["fake_score_ckpt={root}/base/export/generator"],  # shipped before
@@ -102,19 +112,10 @@ DISTILL_VARIANTS: dict[str, list[str]] = {
     # the score / critic timestep draw: shift 5 (as the students' schedule) puts 56% of the draws above
     # t = 800 and 5% below 200, where edges are decided; shift 1 draws t uniformly
     "dmd_ratio10_lr5e-5_score_shift1": [*DMD_CRITIC_KEEPS_UP, "timestep_shift=1.0"],
-    "tf_ratio10_lr5e-5_score_shift1": [
-        *DMD_CRITIC_KEEPS_UP,
-        "trainer=causvid",
-        "teacher_forcing=true",
-        "data_path={root}/data/clips",
-        "timestep_shift=1.0",
-    ],
-    "tf_ratio10_lr5e-5": [
-        *DMD_CRITIC_KEEPS_UP,
-        "trainer=causvid",
-        "teacher_forcing=true",
-        "data_path={root}/data/clips",
-    ],
+    "tf_ratio10_lr5e-5_score_shift1": [*TEACHER_FORCING, "timestep_shift=1.0"],
+    "tf_ratio10_lr5e-5": list(TEACHER_FORCING),
+    "tf_ratio10_lr5e-5_seed4": [*TEACHER_FORCING, "seed=4"],
+    "tf_ratio10_lr5e-5_seed5": [*TEACHER_FORCING, "seed=5"],
     "df_ratio10_lr5e-5": [*DMD_CRITIC_KEEPS_UP, "trainer=causvid", "data_path={root}/data/clips"],
     # SiD on the same config (`configs/world/sid.yaml` differs from dmd.yaml only in `trainer`)
     "sid_ref": ["trainer=sid"],
@@ -217,6 +218,11 @@ def run_variant(name: str, steps: int, eval_samples: int) -> dict:
     return row
 
 
+def distill_overrides(name: str, root: Path) -> list[str]:
+    """The train.py overrides of distillation variant `name` (after DISTILL_PINNED; the later wins)."""
+    return [o.format(root=root) for o in (*DISTILL_PINNED, *DISTILL_VARIANTS[name])]
+
+
 def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_samples: int) -> dict:
     """One DMD run through train.py from the chain under `root`, judged on held-out prompts at 12 frames."""
     from .evaluate import evaluate
@@ -225,7 +231,7 @@ def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_sampl
 
     repo = Path(__file__).resolve().parents[1]
     run = out / f"{name}@{steps}"  # a variant at another step count is another run, not a resume
-    overrides = [o.format(root=root) for o in DISTILL_VARIANTS[name]]
+    overrides = distill_overrides(name, root)
     cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "world" / "dmd.yaml"),
            "--logdir", str(run), f"data_path={root}/data/train_prompts.txt",
            f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/ode/export/generator",
