@@ -225,9 +225,11 @@ def distill_overrides(name: str, root: Path) -> list[str]:
 
 def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_samples: int) -> dict:
     """One DMD run through train.py from the chain under `root`, judged on held-out prompts at 12 frames."""
+    from utils.config import ema_rates
+
     from .evaluate import evaluate
     from .render import split_prompts
-    from .sampling import generate
+    from .sampling import generate, load_run_config
 
     repo = Path(__file__).resolve().parents[1]
     run = out / f"{name}@{steps}"  # a variant at another step count is another run, not a resume
@@ -244,7 +246,7 @@ def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_sampl
     row = {"name": name, "steps": steps, "overrides": overrides, "train_seconds": seconds}
     # the generator's weights, and its EMA's when the run keeps one (the same noise draws)
     entries = {"heldout": "generator"}
-    if any(o.startswith("ema_weight=") and float(o.split("=", 1)[1]) for o in overrides):
+    if ema_rates(load_run_config(run / "config.yaml")):
         entries["heldout_ema"] = "ema"
     for key, entry in entries.items():
         videos = generate(run, run / "config.yaml", asked, FRAMES, entry=entry)
