@@ -3,6 +3,8 @@
     python3 scripts/world_chain.py                      # quick profile (~12 min on 2 cores) -> runs/world
     python3 scripts/world_chain.py --profile full       # the full chain (targets in the report)
     python3 scripts/world_chain.py --profile smoke --out /tmp/world   # CI: the chain and report, not quality
+    python3 scripts/world_chain.py --profile full --random_start --baselines dmd_teacher_forcing \
+        dmd_diffusion_forcing --no_i2v --long_samples 32 --distill_seed 4   # the DMD students only, seed 4
 
 Re-running the command skips finished stages and resumes an interrupted one. See world/chain.py.
 """
@@ -16,7 +18,32 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from world.chain import PROFILES, Chain  # noqa: E402
+from world.chain import CONFIG_OF, PROFILES, STUDENTS, Chain, Profile  # noqa: E402
+
+BASELINES = STUDENTS[2:]  # every student but the ODE init and Self-Forcing DMD
+
+
+def profile_from_args(args: argparse.Namespace) -> Profile:
+    """The named profile with the command line's changes (the rest of the chain is the same)."""
+    profile = PROFILES[args.profile]
+    changes: dict = {}
+    if args.nproc is not None:
+        changes["nproc"] = args.nproc
+    if args.random_start:
+        changes["random_start"] = True
+    if args.baselines is not None:
+        changes["baselines"] = tuple(args.baselines)
+    if args.no_i2v:
+        changes["i2v"] = False
+    if args.long_samples is not None:
+        changes["long_samples"] = args.long_samples
+    if args.distill_seed is not None:  # every stage after the ODE init: same init, another seed
+        distill = [s for s in CONFIG_OF if s not in ("base", "ode")]
+        overrides = {s: list(profile.overrides.get(s, [])) for s in {*profile.overrides, *distill}}
+        for stage in distill:
+            overrides[stage].append(f"seed={args.distill_seed}")
+        changes["overrides"] = overrides
+    return dataclasses.replace(profile, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +58,21 @@ def main(argv: list[str] | None = None) -> int:
         help="the world whose objects start anywhere along their path (networks without frame rows; "
         "long rollouts in a window without a sink): see world/chain.py",
     )  # fmt: skip
+    p.add_argument(
+        "--baselines", nargs="*", choices=BASELINES, default=None, metavar="STAGE",
+        help=f"the baselines to train and judge (default: the profile's); any of {', '.join(BASELINES)}",
+    )  # fmt: skip
+    p.add_argument("--no_i2v", action="store_true", help="leave out the image-to-video stage")
+    p.add_argument("--long_samples", type=int, default=None, help="36-frame rollouts per held-out prompt")
+    p.add_argument(
+        "--distill_seed", type=int, default=None,
+        help="training seed of every distillation stage (the configs' own: 3); base, ODE pairs and ODE init "
+        "are unchanged, so a run root holding them can be copied and only the students re-trained",
+    )  # fmt: skip
     args = p.parse_args(argv)
-    profile = PROFILES[args.profile]
-    if args.nproc is not None:
-        profile = dataclasses.replace(profile, nproc=args.nproc)
-    if args.random_start:
-        profile = dataclasses.replace(profile, random_start=True)
+    if args.long_samples is not None and args.long_samples < 1:
+        p.error(f"--long_samples must be >= 1, got {args.long_samples}")
+    profile = profile_from_args(args)
     out = args.out or ("runs/world" if args.profile == "quick" else f"runs/world_{args.profile}")
     Chain(out, profile).run()
     return 0

@@ -204,3 +204,55 @@ def test_random_start_profile_wires_every_stage(tmp_path, monkeypatch):
         weights = commands["ode_pairs"][commands["ode_pairs"].index("--weights") + 1]
         assert weights == ("exact-random-start" if random_start else "exact")
         assert chain.window() == (RANDOM_START_LONG_WINDOW if random_start else LONG_WINDOW)
+
+
+def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, monkeypatch):
+    """`scripts/world_chain.py` flags change only what they name: the baselines, the I2V stage, the
+    36-frame samples, and `seed=S` appended after the profile's own overrides of every distillation stage
+    (never the base or the ODE init, so a copied root's base and init stay valid)."""
+    import importlib.util
+
+    from world.chain import Chain
+
+    spec = importlib.util.spec_from_file_location("world_chain_cli", REPO_ROOT / "scripts" / "world_chain.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    ran: list = []
+    monkeypatch.setattr(Chain, "run", lambda self: ran.append((self.root, self.profile)))
+
+    full = PROFILES["full"]
+    assert cli.main(["--profile", "full", "--out", str(tmp_path / "a")]) == 0
+    assert ran[-1] == (tmp_path / "a", full)  # no flag: the profile as defined
+
+    argv = ["--profile", "full", "--random_start", "--out", str(tmp_path / "b"), "--no_i2v", "--long_samples",
+            "32", "--distill_seed", "4", "--baselines", "dmd_teacher_forcing", "dmd_diffusion_forcing"]  # fmt: skip
+    assert cli.main(argv) == 0
+    root, got = ran[-1]
+    assert root == tmp_path / "b"
+    assert got.random_start and not got.i2v and got.long_samples == 32
+    assert got.baselines == ("dmd_teacher_forcing", "dmd_diffusion_forcing")
+    assert (got.base_steps, got.ode_steps, got.distill_steps, got.eval_samples) == (4000, 1000, 800, 16)
+    critic = ["dfake_gen_update_ratio=10", "lr=5e-5"]
+    assert got.overrides == {
+        "sf_dmd": [*critic, "seed=4"],
+        "dmd_teacher_forcing": [*critic, "seed=4"],
+        "dmd_diffusion_forcing": [*critic, "seed=4"],
+        "sf_dmd_i2v": ["seed=4"],
+        "sf_sid": ["seed=4"],
+        "sf_gan": ["seed=4"],
+    }
+    assert full.overrides["sf_dmd"] == critic  # the shared profile is not mutated
+
+    # the seed reaches train.py last, after the stage's and the world's overrides
+    chain = Chain(tmp_path / "c", got)
+    commands: dict[str, list[str]] = {}
+    monkeypatch.setattr(
+        chain, "_subprocess", lambda stage, cmd, total_steps=None: commands.setdefault(stage, cmd)
+    )
+    chain.train("sf_dmd", "probe", ["data_path=x"], 3)
+    assert commands["sf_dmd"][-3:] == [*critic, "seed=4"]
+
+    with pytest.raises(SystemExit):
+        cli.main(["--baselines", "sf_dmd"])  # not a baseline
+    with pytest.raises(SystemExit):
+        cli.main(["--long_samples", "0"])
