@@ -38,11 +38,12 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     if args.long_samples is not None:
         changes["long_samples"] = args.long_samples
     if args.distill_seed is not None:  # every stage after the ODE init: same init, another seed
+        seed = f"seed={args.distill_seed}"
         distill = [s for s in CONFIG_OF if s not in ("base", "ode")]
-        overrides = {s: list(profile.overrides.get(s, [])) for s in {*profile.overrides, *distill}}
-        for stage in distill:
-            overrides[stage].append(f"seed={args.distill_seed}")
-        changes["overrides"] = overrides
+        changes["overrides"] = {
+            **profile.overrides,
+            **{s: [*profile.overrides.get(s, []), seed] for s in distill},
+        }
     return dataclasses.replace(profile, **changes)
 
 

@@ -210,13 +210,9 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
     """`scripts/world_chain.py` flags change only what they name: the baselines, the I2V stage, the
     36-frame samples, and `seed=S` appended after the profile's own overrides of every distillation stage
     (never the base or the ODE init, so a copied root's base and init stay valid)."""
-    import importlib.util
-
+    from scripts import world_chain as cli
     from world.chain import Chain
 
-    spec = importlib.util.spec_from_file_location("world_chain_cli", REPO_ROOT / "scripts" / "world_chain.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     ran: list = []
     monkeypatch.setattr(Chain, "run", lambda self: ran.append((self.root, self.profile)))
 
