@@ -5,6 +5,7 @@
     python3 scripts/world_chain.py --profile smoke --out /tmp/world   # CI: the chain and report, not quality
     python3 scripts/world_chain.py --profile full --random_start --baselines dmd_teacher_forcing \
         dmd_diffusion_forcing --no_i2v --long_samples 32 --distill_seed 4   # the DMD students only, seed 4
+    python3 scripts/world_chain.py --profile full --random_start --network num_layers=4   # a deeper network
 
 Re-running the command skips finished stages and resumes an interrupted one. See world/chain.py.
 """
@@ -18,9 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wan import WanConfig  # noqa: E402
 from world.chain import CONFIG_OF, PROFILES, STUDENTS, Chain, Profile  # noqa: E402
 
 BASELINES = STUDENTS[2:]  # every student but the ODE init and Self-Forcing DMD
+NETWORK_ROLES = ("generator_model", "fake_score_model")  # the world's networks in every stage's config
 
 
 def profile_from_args(args: argparse.Namespace) -> Profile:
@@ -37,14 +40,28 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         changes["i2v"] = False
     if args.long_samples is not None:
         changes["long_samples"] = args.long_samples
+    overrides = profile.overrides
+    if args.network:  # every network of every training stage: each starts from the one before
+        net = [f"{role}.{change}" for role in NETWORK_ROLES for change in args.network]
+        overrides = {s: [*overrides.get(s, []), *net] for s in CONFIG_OF}
     if args.distill_seed is not None:  # every stage after the ODE init: same init, another seed
         seed = f"seed={args.distill_seed}"
         distill = [s for s in CONFIG_OF if s not in ("base", "ode")]
-        changes["overrides"] = {
-            **profile.overrides,
-            **{s: [*profile.overrides.get(s, []), seed] for s in distill},
-        }
+        overrides = {**overrides, **{s: [*overrides.get(s, []), seed] for s in distill}}
+    if overrides is not profile.overrides:
+        changes["overrides"] = overrides
     return dataclasses.replace(profile, **changes)
+
+
+def network_change(text: str) -> str:
+    """argparse type of `--network`: `FIELD=VALUE` with FIELD a `WanConfig` field."""
+    field, sep, value = text.partition("=")
+    names = {f.name for f in dataclasses.fields(WanConfig)}
+    if not sep or not value or field not in names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not FIELD=VALUE with FIELD one of {', '.join(sorted(names))}"
+        )
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         "--distill_seed", type=int, default=None,
         help="training seed of every distillation stage (the configs' own: 3); base, ODE pairs and ODE init "
         "are unchanged, so a run root holding them can be copied and only the students re-trained",
+    )  # fmt: skip
+    p.add_argument(
+        "--network", nargs="+", type=network_change, default=None, metavar="FIELD=VALUE",
+        help="change the world network of every training stage (a WanConfig field of world/network.py's "
+        "NETWORK, e.g. num_layers=4): the base, the ODE init and every student, generator and critic alike",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.long_samples is not None and args.long_samples < 1:

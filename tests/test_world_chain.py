@@ -2,6 +2,7 @@
 points (torchrun train.py, generate_ode_pairs.py, export_checkpoint.py), the report is written, and
 re-running the command skips the finished stages. Checks the chain and the report, not quality."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -247,6 +248,33 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
     )
     chain.train("sf_dmd", "probe", ["data_path=x"], 3)
     assert commands["sf_dmd"][-3:] == [*critic, "seed=4"]
+
+    # --network reaches both networks of every training stage, before the seed; other flags untouched
+    assert cli.main(["--profile", "full", "--out", str(tmp_path / "d"), "--network", "num_layers=4", "dim=192",
+                     "--distill_seed", "5"]) == 0  # fmt: skip
+    _, deep = ran[-1]
+    net = ["generator_model.num_layers=4", "generator_model.dim=192", "fake_score_model.num_layers=4",
+           "fake_score_model.dim=192"]  # fmt: skip
+    assert deep.overrides == {
+        "base": net,
+        "ode": net,
+        "sf_dmd": [*critic, *net, "seed=5"],
+        "dmd_teacher_forcing": [*critic, *net, "seed=5"],
+        "dmd_diffusion_forcing": [*critic, *net, "seed=5"],
+        "sf_dmd_i2v": [*net, "seed=5"],
+        "sf_sid": [*net, "seed=5"],
+        "sf_gan": [*net, "seed=5"],
+    }
+    assert dataclasses.replace(deep, overrides=full.overrides) == full
+    chain = Chain(tmp_path / "e", deep)
+    monkeypatch.setattr(
+        chain, "_subprocess", lambda stage, cmd, total_steps=None: commands.setdefault(stage, cmd)
+    )
+    chain.train("base", "probe", ["data_path=x"], 3)
+    assert commands["base"][-4:] == net  # after the world's own overrides: the later wins
+    for bad in ("num_layer=4", "num_layers", "num_layers="):  # not a WanConfig field / no value
+        with pytest.raises(SystemExit):
+            cli.main(["--network", bad])
 
     with pytest.raises(SystemExit):
         cli.main(["--baselines", "sf_dmd"])  # not a baseline
