@@ -62,3 +62,43 @@ def test_every_distill_variant_is_a_valid_config(tmp_path):
     assert cfg.sid_alpha == 1.2
     real = sweep.distill_overrides("dmd_real_score_is_base", tmp_path)
     assert load_config(config, real).real_score_model["_component_"] == "world.network.wan_config"
+
+
+def test_distill_variants_train_in_the_chains_world(tmp_path):
+    """`--distill ROOT` trains in the world of ROOT's ODE init: a random-start chain with a deeper network
+    gives every variant its teacher's and networks' settings (a variant replacing the real score by the
+    base network gets the generator's shape), and the evaluation is told random starts; a centre-start
+    chain with the shipped network changes nothing."""
+    from pathlib import Path
+
+    import yaml
+
+    from utils.config import load_config
+
+    config = Path(sweep.__file__).resolve().parents[1] / "configs" / "world" / "dmd.yaml"
+    net = {"_component_": "world.network.wan_config", "pos_embed_frame_rows": False, "num_layers": 4}
+    teacher = {"_component_": "world.teacher.ExactTeacher", "random_start": True}
+    for root, saved in (
+        (tmp_path / "rs", {"trainer": "ode", "generator_model": net, "real_score_model": teacher,
+                           "fake_score_model": net}),
+        (tmp_path / "centre", {"trainer": "ode", "generator_model": {"_component_": net["_component_"]}}),
+    ):  # fmt: skip
+        (root / "ode").mkdir(parents=True)
+        (root / "ode" / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    def built(root, name):
+        cmd, overrides, random_start = sweep.distill_command(name, root, root / "run", 5)
+        assert cmd[cmd.index("--config") + 1] == str(config) and set(overrides) <= set(cmd)
+        return load_config(config, cmd[cmd.index("--logdir") + 2 :]), random_start
+
+    cfg, random_start = built(tmp_path / "rs", "dmd_ratio10")
+    assert random_start and cfg.max_steps == 5 and cfg.dfake_gen_update_ratio == 10
+    assert cfg.generator_model == net and cfg.fake_score_model == net and cfg.real_score_model == teacher
+    cfg, _ = built(tmp_path / "rs", "dmd_real_score_is_base")
+    assert cfg.real_score_model == net and cfg.real_score_ckpt == f"{tmp_path / 'rs'}/base/export/generator"
+
+    cfg, random_start = built(tmp_path / "centre", "dmd_ratio10")
+    shipped = load_config(config)
+    assert not random_start
+    for role in sweep.WORLD_ROLES:
+        assert getattr(cfg, role) == getattr(shipped, role), role

@@ -15,7 +15,8 @@ Variants run in their own processes (`--jobs` at a time, one thread each); resul
 `--distill ROOT` sweeps the distillation stage instead: Self-Forcing DMD runs (SiD for the `sid_*`
 variants, which set `trainer=sid`; `train.py` with `configs/world/dmd.yaml` and the variant's overrides;
 generator and critic from the ODE init) of a finished chain under ROOT, each judged on held-out prompts
-with the students' pipeline (`world.sampling.generate`):
+with the students' pipeline (`world.sampling.generate`), in the world the chain trained in (its ODE
+init's network and teacher settings: a random-start chain's, a `world_chain.py --network` change):
 
     python3 -m world.sweep --distill runs/world --variants dmd_ref dmd_critic_from_base --steps 300
 """
@@ -223,6 +224,46 @@ def distill_overrides(name: str, root: Path) -> list[str]:
     return [o.format(root=root) for o in (*DISTILL_PINNED, *DISTILL_VARIANTS[name])]
 
 
+WORLD_ROLES = ("generator_model", "real_score_model", "fake_score_model")
+
+
+def chain_world(root: Path) -> dict[str, dict]:
+    """The world the chain under `root` trained in: the settings its ODE init's config gives the networks
+    and the exact teacher beyond their component (`WORLD_ROLES`; the random-start world's, a
+    `world_chain.py --network` change). A variant run without them would train a network of another
+    shape, or against the other world's teacher, from that init."""
+    import yaml
+
+    saved = yaml.safe_load((root / "ode" / "config.yaml").read_text(encoding="utf-8")) or {}
+    sections = {role: saved.get(role) if isinstance(saved.get(role), dict) else {} for role in WORLD_ROLES}
+    return {
+        role: {k: v for k, v in section.items() if k != "_component_"} for role, section in sections.items()
+    }
+
+
+def distill_command(name: str, root: Path, run: Path, steps: int) -> tuple[list[str], list[str], bool]:
+    """train.py's command line for variant `name` from the chain under `root` (its world's settings, then
+    the variant's overrides: the later wins), the variant's overrides, and whether the world starts
+    objects anywhere along their path."""
+    repo = Path(__file__).resolve().parents[1]
+    world = chain_world(root)
+    random_start = bool(world["real_score_model"].get("random_start", False))
+    overrides = distill_overrides(name, root)
+    replaced = {o.partition("=")[0] for o in overrides} & set(WORLD_ROLES)
+    # a variant that replaces a role replaces it by a world network (`dmd_real_score_is_base`): after the
+    # replacement it gets the generator's settings, the shape of the checkpoint it loads
+    world.update({role: world["generator_model"] for role in replaced})
+    before = [
+        f"{r}.{k}={json.dumps(v)}" for r in WORLD_ROLES if r not in replaced for k, v in world[r].items()
+    ]
+    after = [f"{r}.{k}={json.dumps(v)}" for r in sorted(replaced) for k, v in world[r].items()]
+    cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "world" / "dmd.yaml"),
+           "--logdir", str(run), f"data_path={root}/data/train_prompts.txt",
+           f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/ode/export/generator",
+           f"max_steps={steps}", f"log_iters={steps}", *before, *overrides, *after]  # fmt: skip
+    return cmd, overrides, random_start
+
+
 def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_samples: int) -> dict:
     """One DMD run through train.py from the chain under `root`, judged on held-out prompts at 12 frames."""
     from utils.config import ema_rates
@@ -233,24 +274,21 @@ def run_distill_variant(name: str, root: Path, out: Path, steps: int, eval_sampl
 
     repo = Path(__file__).resolve().parents[1]
     run = out / f"{name}@{steps}"  # a variant at another step count is another run, not a resume
-    overrides = distill_overrides(name, root)
-    cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "world" / "dmd.yaml"),
-           "--logdir", str(run), f"data_path={root}/data/train_prompts.txt",
-           f"generator_ckpt={root}/ode/export/generator", f"fake_score_ckpt={root}/ode/export/generator",
-           f"max_steps={steps}", f"log_iters={steps}", *overrides]  # fmt: skip
+    cmd, overrides, random_start = distill_command(name, root, run, steps)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     seconds = time.perf_counter() - start
     _, heldout = split_prompts()
     asked = [q for q in heldout for _ in range(eval_samples)]
-    row = {"name": name, "steps": steps, "overrides": overrides, "train_seconds": seconds}
+    row = {"name": name, "steps": steps, "overrides": overrides, "train_seconds": seconds,
+           "random_start": random_start}  # fmt: skip
     # the generator's weights, and its EMA's when the run keeps one (the same noise draws)
     entries = {"heldout": "generator"}
     if ema_rates(load_run_config(run / "config.yaml")):
         entries["heldout_ema"] = "ema"
     for key, entry in entries.items():
         videos = generate(run, run / "config.yaml", asked, FRAMES, entry=entry)
-        row[key] = evaluate(videos, asked).summary()
+        row[key] = evaluate(videos, asked, random_start=random_start).summary()
     return row
 
 
@@ -260,7 +298,8 @@ def format_distill_rows(rows: list[dict]) -> str:
     keys = ("all_attributes", "coherence", "frame_coherence", "precision", "shade_tv")
     lines = ["| variant | steps | " + " | ".join(keys) + " | shades |", "|---" * (len(keys) + 3) + "|"]
     for r in rows:
-        for key, label in (("heldout", r["name"]), ("heldout_ema", f"{r['name']} (EMA)")):
+        name = f"{r['name']} (random starts)" if r.get("random_start") else r["name"]
+        for key, label in (("heldout", name), ("heldout_ema", f"{name} (EMA)")):
             if key not in r:
                 continue
             s = r[key]
