@@ -64,9 +64,10 @@ def build_optimizers(cfg: TrainConfig, generator: nn.Module, critic: nn.Module |
 def lr_scheduler(
     cfg: TrainConfig, role: str, optimizer: torch.optim.Optimizer
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up, then constant or a linear/cosine decay to lr_min (generator) / lr_min_critic."""
+    """Warm-up, then constant, a linear/cosine decay or a step down to lr_min (generator) / lr_min_critic."""
     peak, low = (cfg.lr, cfg.lr_min) if role == "generator" else (cfg.lr_critic, cfg.lr_min_critic)
-    decay_steps = lr_decay_horizon(cfg.lr_decay_steps, cfg.max_steps, cfg.lr_warmup_steps)
+    decay_steps = lr_decay_horizon(cfg.lr_decay_steps, cfg.max_steps, cfg.lr_warmup_steps, cfg.lr_decay_start)
+    ratio = low / peak if peak > 0 else 1.0
     return build_scheduler(
-        optimizer, cfg.lr_warmup_steps, cfg.lr_schedule, decay_steps, low / peak if peak > 0 else 1.0
+        optimizer, cfg.lr_warmup_steps, cfg.lr_schedule, decay_steps, ratio, cfg.lr_decay_start
     )

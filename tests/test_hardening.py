@@ -228,6 +228,30 @@ def test_resume_that_changes_the_lr_decay_horizon_is_refused_or_follows_the_new_
     assert lrs == pytest.approx([2e-5 + 1.8e-4 * f for f in cosine], rel=1e-12)
 
 
+def test_lr_step_down_follows_its_formula_and_a_resume_across_the_drop_is_bitwise(tmp_path, toy_lmdb, capsys):
+    """lr_schedule=step: the peak LR until optimizer step lr_decay_start, lr_min from it on. A run
+    stopped before the drop and resumed to a longer max_steps (no decay horizon to move) equals the
+    run that went straight through, bit for bit, and logs the written-out LR of every step."""
+    common = [f"data_path={toy_lmdb}", "lr_schedule=step", "lr_decay_start=3", "lr_min=2e-5", "log_iters=2"]
+    assert run("tiny_ode", tmp_path / "split", [*common, "max_steps=2"]) == 0
+    assert run("tiny_ode", tmp_path / "split", [*common, "max_steps=5"]) == 0
+    assert run("tiny_ode", tmp_path / "once", [*common, "max_steps=5"]) == 0
+    a, b = weights(load_checkpoint(tmp_path / "once", 5)), weights(load_checkpoint(tmp_path / "split", 5))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # optimizer steps 0, 1, 2 before the drop, 3 and 4 after it
+    expected = [2e-4, 2e-4, 2e-4, 2e-5, 2e-5]
+    for logdir in ("split", "once"):
+        assert [r["generator_lr"] for r in metrics(tmp_path / logdir)] == pytest.approx(expected, rel=1e-12)
+    # where the drop starts defines the run: moving it on resume is refused, naming the key
+    capsys.readouterr()
+    moved = [*common[:2], "lr_decay_start=4", *common[3:], "max_steps=6"]
+    assert run("tiny_ode", tmp_path / "split", moved) == USER_ERROR_EXIT_CODE
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "lr_decay_start: 3 -> 4" in line, line
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. no pickle of ours in a run directory
 # ------------------------------------------------------------------------------------------------

@@ -463,6 +463,44 @@ def test_lr_schedule_at_start_middle_end_and_after_a_state_dict_round_trip(sched
     assert seen[-1] == pytest.approx(1e-4, rel=1e-12)  # the end, held
 
 
+@pytest.mark.parametrize("schedule", ["step", "linear", "cosine"])
+def test_lr_decay_start_holds_the_peak_then_decays_or_drops(schedule):
+    """Warm-up 2, peak until optimizer step 5 (lr_decay_start), then the schedule over 4 steps to 0.1x."""
+    from utils.optim import build_scheduler
+
+    def formula(k: int) -> float:
+        if k < 2:
+            return 1e-3 * (k + 1) / 2
+        if k < 5:
+            return 1e-3
+        if schedule == "step":
+            return 1e-4
+        p = min(1.0, (k - 5) / 4)
+        if schedule == "linear":
+            return 1e-3 - 9e-4 * p
+        return 1e-4 + 9e-4 * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = build_scheduler(opt, 2, schedule, 4, 0.1, decay_start=5)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([formula(k) for k in range(12)], rel=1e-12)
+    with pytest.raises(ValueError, match="inside the warm-up"):
+        build_scheduler(opt, 2, schedule, 4, 0.1, decay_start=1)
+
+
+def test_lr_step_needs_its_start_and_a_start_after_the_warm_up():
+    from utils.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="lr_schedule=step needs lr_decay_start"):
+        load_config("configs/tiny_ode.yaml", ["lr_schedule=step", "lr_min=1e-5"])
+    with pytest.raises(ConfigError, match="lr_decay_start=2 falls inside the warm-up"):
+        load_config("configs/tiny_ode.yaml", ["lr_schedule=cosine", "lr_warmup_steps=3", "lr_decay_start=2"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Activation offload
 # ------------------------------------------------------------------------------------------------

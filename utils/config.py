@@ -165,8 +165,12 @@ class TrainConfig:
     beta2_critic: float = 0.999  # critic AdamW beta2
     weight_decay: float = 0.01  # AdamW weight decay (both optimisers)
     lr_warmup_steps: int = 0  # linear LR warm-up steps, then lr_schedule
-    lr_schedule: str = "constant"  # after the warm-up: constant | linear | cosine decay to lr_min
-    lr_decay_steps: int | None = None  # optimizer steps of the decay; None = max_steps - lr_warmup_steps
+    # after the warm-up: constant | linear | cosine decay to lr_min | step (drop to lr_min at lr_decay_start)
+    lr_schedule: str = "constant"
+    lr_decay_start: int | None = (
+        None  # optimizer step the decay (or drop) starts at; None = after the warm-up
+    )
+    lr_decay_steps: int | None = None  # optimizer steps of the decay; None = max_steps - its start
     lr_min: float = 0.0  # generator LR at the end of a linear/cosine decay
     lr_min_critic: float = 0.0  # critic LR at the end of a linear/cosine decay
     max_grad_norm_generator: float = 10.0  # gradient clipping of the generator
@@ -452,12 +456,19 @@ def ema_rates(cfg: TrainConfig) -> tuple[float, ...]:
     return rates
 
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
+LR_SCHEDULES = ("constant", "linear", "cosine", "step")
 
 
-def lr_decay_horizon(lr_decay_steps: int | None, max_steps: int, lr_warmup_steps: int) -> int:
-    """Optimizer steps a linear/cosine LR decay spans: `lr_decay_steps`, else the steps after the warm-up."""
-    return int(lr_decay_steps or max(1, max_steps - lr_warmup_steps))
+def lr_decay_begin(lr_decay_start: int | None, lr_warmup_steps: int) -> int:
+    """Optimizer step a decay (or a step's drop) starts at: `lr_decay_start`, else the end of the warm-up."""
+    return lr_warmup_steps if lr_decay_start is None else int(lr_decay_start)
+
+
+def lr_decay_horizon(
+    lr_decay_steps: int | None, max_steps: int, lr_warmup_steps: int, lr_decay_start: int | None = None
+) -> int:
+    """Optimizer steps a linear/cosine LR decay spans: `lr_decay_steps`, else the steps after its start."""
+    return int(lr_decay_steps or max(1, max_steps - lr_decay_begin(lr_decay_start, lr_warmup_steps)))
 
 
 def _validate_lr_schedule(cfg: TrainConfig) -> None:
@@ -467,6 +478,15 @@ def _validate_lr_schedule(cfg: TrainConfig) -> None:
         )
     if cfg.lr_decay_steps is not None and cfg.lr_decay_steps < 1:
         raise ConfigError(f"lr_decay_steps must be >= 1 (or null), got {cfg.lr_decay_steps}")
+    if cfg.lr_decay_start is not None and cfg.lr_decay_start < cfg.lr_warmup_steps:
+        raise ConfigError(
+            f"lr_decay_start={cfg.lr_decay_start} falls inside the warm-up (lr_warmup_steps={cfg.lr_warmup_steps}); "
+            "it must be >= lr_warmup_steps (or null: right after the warm-up)"
+        )
+    if cfg.lr_schedule == "step" and cfg.lr_decay_start is None:
+        raise ConfigError(
+            "lr_schedule=step needs lr_decay_start: the optimizer step at which the LR drops to lr_min"
+        )
     for key, low, high in (
         ("lr_min", cfg.lr_min, cfg.lr),
         ("lr_min_critic", cfg.lr_min_critic, cfg.lr_critic),

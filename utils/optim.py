@@ -54,30 +54,45 @@ class LinearWarmup:
 
 
 class WarmupDecay(LinearWarmup):
-    """LR multiplier: the linear warm-up, then constant, or a linear / cosine decay from 1 to `min_ratio`
-    over `decay_steps` optimizer steps, then `min_ratio` (improved-diffusion anneals, SGDR's cosine).
+    """LR multiplier: the linear warm-up, then constant; or, from optimizer step `decay_start` (default:
+    the end of the warm-up; constant at 1 until then), a linear / cosine decay from 1 to `min_ratio` over
+    `decay_steps` optimizer steps, then `min_ratio` (improved-diffusion anneals, SGDR's cosine); or a
+    `step`: `min_ratio` from `decay_start` on (the classic LR drop once the loss has flattened).
 
-    With `k = step - warmup_steps` steps into the decay and `p = min(1, k / decay_steps)`:
+    With `k = step - decay_start` steps into the decay and `p = min(1, k / decay_steps)`:
     linear `1 - (1 - min_ratio) p`; cosine `min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`.
     Its fields travel in the LR scheduler's state dict (LambdaLR saves a callable object's `__dict__`).
     """
 
     def __init__(
-        self, warmup_steps: int, schedule: str = "constant", decay_steps: int = 1, min_ratio: float = 0.0
+        self,
+        warmup_steps: int,
+        schedule: str = "constant",
+        decay_steps: int = 1,
+        min_ratio: float = 0.0,
+        decay_start: int | None = None,
     ) -> None:
         super().__init__(warmup_steps)
-        if schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"schedule must be constant, linear or cosine, got {schedule!r}")
+        if schedule not in ("constant", "linear", "cosine", "step"):
+            raise ValueError(f"schedule must be constant, linear, cosine or step, got {schedule!r}")
         if decay_steps < 1 or not 0.0 <= min_ratio <= 1.0:
             raise ValueError(f"need decay_steps >= 1 and min_ratio in [0, 1], got {decay_steps}, {min_ratio}")
+        if decay_start is not None and decay_start < warmup_steps:
+            raise ValueError(f"decay_start={decay_start} falls inside the warm-up ({warmup_steps} steps)")
         self.schedule = schedule
         self.decay_steps = decay_steps
         self.min_ratio = min_ratio
+        self.decay_start = warmup_steps if decay_start is None else decay_start
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps or self.schedule == "constant":
             return super().__call__(step)
-        p = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        start = self.decay_start
+        if step < start:
+            return 1.0
+        if self.schedule == "step":
+            return self.min_ratio
+        p = min(1.0, (step - start) / self.decay_steps)
         if self.schedule == "linear":
             return 1.0 - (1.0 - self.min_ratio) * p
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
@@ -89,10 +104,11 @@ def build_scheduler(
     schedule: str = "constant",
     decay_steps: int = 1,
     min_ratio: float = 0.0,
+    decay_start: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR with `WarmupDecay(...)`; call `.step()` after each optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupDecay(warmup_steps, schedule, decay_steps, min_ratio)
+        optimizer, WarmupDecay(warmup_steps, schedule, decay_steps, min_ratio, decay_start)
     )
 
 

@@ -124,16 +124,18 @@ def config_differences(saved: Mapping[str, Any], new: TrainConfig) -> dict[str, 
 
 
 # What a decaying LR schedule's length is named by in a resume's error and log.
-HORIZON = "LR decay horizon (lr_decay_steps, else max_steps - lr_warmup_steps)"
+HORIZON = "LR decay horizon (lr_decay_steps, else max_steps - lr_decay_start or lr_warmup_steps)"
 
 
 def decay_horizon(config: Mapping[str, Any]) -> int | None:
     """The optimizer steps a linear/cosine LR decay spans (`WarmupDecay.decay_steps`, as train.py
-    derives it); None for a constant schedule or a saved config that predates these keys."""
+    derives it); None for a constant schedule or a step (no span), or a saved config that predates
+    these keys."""
     keys = ("lr_schedule", "lr_decay_steps", "max_steps", "lr_warmup_steps")
-    if any(k not in config for k in keys) or config["lr_schedule"] == "constant":
+    if any(k not in config for k in keys) or config["lr_schedule"] in ("constant", "step"):
         return None
-    return lr_decay_horizon(config["lr_decay_steps"], config["max_steps"], config["lr_warmup_steps"])
+    start = config.get("lr_decay_start")
+    return lr_decay_horizon(config["lr_decay_steps"], config["max_steps"], config["lr_warmup_steps"], start)
 
 
 def check_resume_config(saved: Mapping[str, Any], new: TrainConfig, allow_change: bool) -> dict[str, tuple]:
