@@ -32,6 +32,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
     changes: dict = {}
     if args.nproc is not None:
         changes["nproc"] = args.nproc
+    if args.jobs is not None:
+        changes["jobs"] = args.jobs
     if args.random_start:
         changes["random_start"] = True
     if args.baselines is not None:
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--nproc", type=int, default=None, help="processes per training stage (torchrun)")
     p.add_argument(
+        "--jobs", type=int, default=None,
+        help="distillation stages trained side by side, the cores split between them (default: the "
+        "profile's; they all start from the ODE init)",
+    )  # fmt: skip
+    p.add_argument(
         "--random_start", action="store_true",
         help="the world whose objects start anywhere along their path (networks without frame rows; "
         "long rollouts in a window without a sink): see world/chain.py",
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.long_samples is not None and args.long_samples < 1:
         p.error(f"--long_samples must be >= 1, got {args.long_samples}")
+    if args.jobs is not None and args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     profile = profile_from_args(args)
     out = args.out or ("runs/world" if args.profile == "quick" else f"runs/world_{args.profile}")
     Chain(out, profile).run()

@@ -25,6 +25,8 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
         "smoke",
         "--out",
         str(out),
+        "--jobs",
+        "2",  # the five distillation stages two at a time, as the quick and full profiles run them
     ]
     env = subprocess_env()
     env.pop("OMP_NUM_THREADS", None)  # the chain sets one thread budget per process itself
@@ -195,7 +197,7 @@ def test_random_start_profile_wires_every_stage(tmp_path, monkeypatch):
         monkeypatch.setattr(
             chain,
             "_subprocess",
-            lambda stage, cmd, total_steps=None, seen=commands: seen.setdefault(stage, cmd),
+            lambda stage, cmd, total_steps=None, jobs=1, seen=commands: seen.setdefault(stage, cmd),
         )  # the first command of a stage: train.py (the export follows)
         chain.train("sf_dmd", "probe", ["data_path=x"], 3)
         chain.ode_pairs()
@@ -244,7 +246,7 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
     chain = Chain(tmp_path / "c", got)
     commands: dict[str, list[str]] = {}
     monkeypatch.setattr(
-        chain, "_subprocess", lambda stage, cmd, total_steps=None: commands.setdefault(stage, cmd)
+        chain, "_subprocess", lambda stage, cmd, total_steps=None, jobs=1: commands.setdefault(stage, cmd)
     )
     chain.train("sf_dmd", "probe", ["data_path=x"], 3)
     assert commands["sf_dmd"][-3:] == [*critic, "seed=4"]
@@ -268,7 +270,7 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
     assert dataclasses.replace(deep, overrides=full.overrides) == full
     chain = Chain(tmp_path / "e", deep)
     monkeypatch.setattr(
-        chain, "_subprocess", lambda stage, cmd, total_steps=None: commands.setdefault(stage, cmd)
+        chain, "_subprocess", lambda stage, cmd, total_steps=None, jobs=1: commands.setdefault(stage, cmd)
     )
     chain.train("base", "probe", ["data_path=x"], 3)
     assert commands["base"][-4:] == net  # after the world's own overrides: the later wins
@@ -280,3 +282,41 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
         cli.main(["--baselines", "sf_dmd"])  # not a baseline
     with pytest.raises(SystemExit):
         cli.main(["--long_samples", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["--jobs", "0"])
+    assert cli.main(["--profile", "full", "--out", str(tmp_path / "f"), "--jobs", "3"]) == 0
+    assert ran[-1][1] == dataclasses.replace(full, jobs=3)
+
+
+def test_side_by_side_runs_every_stage_at_once_and_raises_the_first_failure(monkeypatch):
+    """Two stages that can only finish together (a two-party barrier) do under jobs=2; a failing stage
+    does not stop the others (each keeps its DONE.json), and its error is raised after they end. Each
+    stage's processes get the cores divided by stages x processes."""
+    import threading
+
+    from world.chain import Chain, _env
+
+    barrier = threading.Barrier(2, timeout=30)
+    ran: list[str] = []
+
+    def stage(name: str, fail: bool = False) -> None:
+        barrier.wait()  # BrokenBarrierError unless the other stage runs at the same time
+        ran.append(name)
+        if fail:
+            raise RuntimeError(f"stage {name} failed")
+
+    with pytest.raises(RuntimeError, match="stage b failed"):
+        Chain.side_by_side([lambda: stage("a"), lambda: stage("b", fail=True), lambda: stage("c"),
+                            lambda: stage("d")], jobs=2)  # fmt: skip
+    assert sorted(ran) == ["a", "b", "c", "d"]
+    ran.clear()
+    Chain.side_by_side([lambda: ran.append("x"), lambda: ran.append("y")], jobs=1)
+    assert ran == ["x", "y"]
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert [_env(nproc, jobs)["OMP_NUM_THREADS"] for nproc, jobs in [(1, 1), (1, 2), (2, 2), (8, 4)]] == [
+        "16", "8", "4", "1",
+    ]  # fmt: skip
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert _env(1, 2)["OMP_NUM_THREADS"] == "3"

@@ -34,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -80,6 +81,10 @@ class Profile:
     ode_sampler_steps: int = 48
     i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v
     nproc: int = 1
+    # Distillation stages (all start from the ODE init, none reads another) trained side by side, the
+    # cores split between them: on 2 cores two one-thread runs of these small networks finish sooner
+    # than the same runs one after the other on two threads each (README, "Speed of the chain's steps").
+    jobs: int = 1
     overrides: dict[str, list[str]] = field(default_factory=dict)
     # The world whose objects start anywhere along their path (world.render): its data, its exact
     # teacher, networks without absolute frame rows (RoPE alone tells frames apart) and long rollouts
@@ -99,12 +104,12 @@ PROFILES = {
     "quick": Profile(
         "quick", base_steps=760, pairs_per_prompt=8, ode_steps=300, distill_steps=250,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing"),
-        eval_samples=12, eval_train_prompts=8, long_samples=4,
+        eval_samples=12, eval_train_prompts=8, long_samples=4, jobs=2,
     ),
     "full": Profile(
         "full", base_steps=4000, pairs_per_prompt=38, ode_steps=1000, distill_steps=800,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
-        eval_samples=16, eval_train_prompts=8, long_samples=6, i2v=True,
+        eval_samples=16, eval_train_prompts=8, long_samples=6, i2v=True, jobs=2,
         # at 800 critic steps on the 4000-step base, DMD's critic fell behind and Self-Forcing DMD
         # collapsed onto one shade (140/12/8); ten critic steps per generator step at half the LR kept
         # the shades (README, "Distillation knobs"). Self-Forcing DMD and its DMD baselines get it alike
@@ -163,10 +168,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(nproc: int) -> dict[str, str]:
+def _env(nproc: int, jobs: int = 1) -> dict[str, str]:
+    """A stage's environment: the cores shared out between its `nproc` processes and the `jobs` stages
+    running beside it (an OMP_NUM_THREADS already set is kept)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (nproc * jobs))))
     env.setdefault("WANDB_MODE", "disabled")
     return env
 
@@ -200,16 +207,19 @@ class Chain:
         (self.stage_dir(stage) / "DONE.json").write_text(json.dumps({"seconds": seconds}))
         _say(f"[{stage}] finished in {seconds:.0f} s")
 
-    def _subprocess(self, stage: str, cmd: list[str], total_steps: int | None = None) -> None:
-        """Run one job, its output to `<stage>/log.txt`; a progress bar follows its metrics.jsonl."""
+    def _subprocess(self, stage: str, cmd: list[str], total_steps: int | None = None, jobs: int = 1) -> None:
+        """Run one job, its output to `<stage>/log.txt`; a progress bar follows its metrics.jsonl (not
+        when `jobs` stages run side by side: their bars would overwrite each other)."""
         from tqdm import tqdm
 
         log = self.stage_dir(stage) / "log.txt"
         metrics = self.stage_dir(stage) / "metrics.jsonl"
         with open(log, "a", encoding="utf-8") as out:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(self.profile.nproc), stdout=out, stderr=out)
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(self.profile.nproc, jobs), stdout=out, stderr=out)
             bar = (
-                tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True) if total_steps else None
+                tqdm(total=total_steps, desc=stage, unit="step", dynamic_ncols=True)
+                if total_steps and jobs == 1
+                else None
             )
             while proc.poll() is None:
                 time.sleep(1.0)
@@ -232,6 +242,23 @@ class Chain:
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO / script), *args,
         ]  # fmt: skip
 
+    @staticmethod
+    def side_by_side(stages: list[Callable[[], None]], jobs: int) -> None:
+        """Run independent stages, `jobs` at a time, in the list's order. Every stage runs even when
+        another fails (each finished one keeps its DONE.json, so a re-run skips it); then the first
+        failure is raised."""
+        if jobs <= 1:
+            for stage in stages:
+                stage()
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(stage) for stage in stages]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            raise errors[0]
+
     # ------------------------------------------------------------------ stages
     def data(self) -> None:
         from .data import write_clip_lmdb, write_prompt_file
@@ -247,7 +274,9 @@ class Chain:
 
         self._run_stage("data", "render the world: prompt files and the training clips as an LMDB", run)
 
-    def train(self, stage: str, what: str, overrides: list[str], steps: int) -> None:
+    def train(self, stage: str, what: str, overrides: list[str], steps: int, jobs: int = 1) -> None:
+        """Train one stage through train.py and export its weights; `jobs`: stages running side by side."""
+
         def run() -> None:
             run_dir = self.stage_dir(stage)
             args = [
@@ -256,10 +285,10 @@ class Chain:
                 *overrides, *(RANDOM_START_OVERRIDES if self.profile.random_start else ()),
                 *self.profile.overrides.get(stage, []),
             ]  # fmt: skip
-            self._subprocess(stage, self._torchrun("train.py", args), total_steps=steps)
+            self._subprocess(stage, self._torchrun("train.py", args), total_steps=steps, jobs=jobs)
             export = [sys.executable, str(REPO / "scripts" / "export_checkpoint.py"), "--logdir", str(run_dir),
                       "--output", str(run_dir / "export")]  # fmt: skip
-            self._subprocess(stage, export)
+            self._subprocess(stage, export, jobs=jobs)
 
         self._run_stage(stage, what, run)
 
@@ -313,22 +342,24 @@ class Chain:
         # let Self-Forcing DMD collapse onto one shade (157/2/1), one started from the ODE init did not
         # (40/10/30; README, "Distillation knobs"). Every distillation run gets the same critic.
         from_ode = [f"generator_ckpt={paths['ode']}", f"fake_score_ckpt={paths['ode']}"]
-        self.train(
-            "sf_dmd", "Self-Forcing DMD from the ODE init", [paths["prompts"], *from_ode], p.distill_steps
-        )
+        distill = [("sf_dmd", "Self-Forcing DMD from the ODE init", paths["prompts"])]
         if p.i2v:  # same init, critic and steps; the clips' first frames as images
-            self.train("sf_dmd_i2v", f"{LABELS['sf_dmd_i2v']} from the ODE init", [paths["clips"], *from_ode],
-                       p.distill_steps)  # fmt: skip
+            distill.append(("sf_dmd_i2v", f"{LABELS['sf_dmd_i2v']} from the ODE init", paths["clips"]))
         data_of = {
             "dmd_teacher_forcing": "clips",
             "dmd_diffusion_forcing": "clips",
             "sf_sid": "prompts",
             "sf_gan": "clips",
         }
-        for stage in p.baselines:
-            self.train(
-                stage, f"baseline: {LABELS[stage]}", [paths[data_of[stage]], *from_ode], p.distill_steps
-            )
+        distill += [(stage, f"baseline: {LABELS[stage]}", paths[data_of[stage]]) for stage in p.baselines]
+        jobs = min(p.jobs, len(distill))
+        self.side_by_side(
+            [
+                partial(self.train, s, what, [data, *from_ode], p.distill_steps, jobs)
+                for s, what, data in distill
+            ],
+            jobs,
+        )
         self._run_stage(
             "eval",
             "evaluate every student (4-step autoregressive inference, 12 and 36 frames)",
