@@ -34,6 +34,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         changes["nproc"] = args.nproc
     if args.jobs is not None:
         changes["jobs"] = args.jobs
+    if args.base_low_lr_steps is not None:
+        changes["base_low_lr_steps"] = args.base_low_lr_steps
     if args.random_start:
         changes["random_start"] = True
     if args.baselines is not None:
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         "--baselines", nargs="*", choices=BASELINES, default=None, metavar="STAGE",
         help=f"the baselines to train and judge (default: the profile's); any of {', '.join(BASELINES)}",
     )  # fmt: skip
+    p.add_argument(
+        "--base_low_lr_steps", type=int, default=None, metavar="N",
+        help="train the base's last N steps at a 10x lower LR (configs/world/base.yaml's lr_min; default: the "
+        "profile's)",
+    )  # fmt: skip
     p.add_argument("--no_i2v", action="store_true", help="leave out the image-to-video stage")
     p.add_argument("--long_samples", type=int, default=None, help="36-frame rollouts per held-out prompt")
     p.add_argument(
@@ -104,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--long_samples must be >= 1, got {args.long_samples}")
     if args.jobs is not None and args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    base_steps = PROFILES[args.profile].base_steps
+    if args.base_low_lr_steps is not None and not 0 <= args.base_low_lr_steps < base_steps:
+        p.error(
+            f"--base_low_lr_steps must be in [0, {base_steps}) (the profile's base steps), got {args.base_low_lr_steps}"
+        )
     profile = profile_from_args(args)
     out = args.out or ("runs/world" if args.profile == "quick" else f"runs/world_{args.profile}")
     Chain(out, profile).run()

@@ -286,6 +286,11 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
         cli.main(["--jobs", "0"])
     assert cli.main(["--profile", "full", "--out", str(tmp_path / "f"), "--jobs", "3"]) == 0
     assert ran[-1][1] == dataclasses.replace(full, jobs=3)
+    assert cli.main(["--profile", "full", "--out", str(tmp_path / "g"), "--base_low_lr_steps", "1000"]) == 0
+    assert ran[-1][1] == dataclasses.replace(full, base_low_lr_steps=1000)
+    for bad in ("-1", "4000"):  # the full profile's base has 4000 steps
+        with pytest.raises(SystemExit):
+            cli.main(["--profile", "full", "--base_low_lr_steps", bad])
 
 
 def test_side_by_side_runs_every_stage_at_once_and_raises_the_first_failure(monkeypatch):
@@ -320,3 +325,35 @@ def test_side_by_side_runs_every_stage_at_once_and_raises_the_first_failure(monk
     ]  # fmt: skip
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
     assert _env(1, 2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_base_step_down_reaches_the_base_run_as_a_schedule(tmp_path, monkeypatch):
+    """Profile.base_low_lr_steps: the base's train.py gets a step schedule whose LR (as the trainer
+    builds it from the merged config) is base.yaml's lr for the first steps and its lr_min for the
+    last `base_low_lr_steps`; 0 leaves the base's constant LR alone."""
+    from recipe.optimizers import lr_scheduler
+    from utils.config import load_config
+    from world.chain import Chain
+
+    profile = dataclasses.replace(PROFILES["full"], base_steps=10, base_low_lr_steps=3)
+    chain = Chain(tmp_path / "a", profile)
+    commands: dict[str, list[str]] = {}
+    monkeypatch.setattr(
+        chain, "_subprocess", lambda stage, cmd, total_steps=None, jobs=1: commands.setdefault(stage, cmd)
+    )
+    chain.train("base", "probe", ["data_path=x", *chain.base_schedule()], profile.base_steps)
+    args = commands["base"]
+    cfg = load_config(args[args.index("--config") + 1], args[args.index("--logdir") + 2 :])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = lr_scheduler(cfg, "generator", opt)
+    lrs = []
+    for _ in range(cfg.max_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    base = load_config(CONFIGS / "base.yaml")
+    assert lrs == pytest.approx([base.lr] * 7 + [base.lr_min] * 3, rel=1e-12)
+    assert base.lr_min == pytest.approx(base.lr / 10)
+    assert Chain(tmp_path / "b", PROFILES["full"]).base_schedule() == []
+    with pytest.raises(ValueError, match="base_low_lr_steps=10"):
+        Chain(tmp_path / "c", dataclasses.replace(profile, base_low_lr_steps=10)).base_schedule()

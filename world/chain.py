@@ -79,6 +79,9 @@ class Profile:
     eval_train_prompts: int  # training prompts evaluated (the same samples per prompt)
     long_samples: int  # 36-frame rollouts per held-out prompt
     ode_sampler_steps: int = 48
+    # The base's last steps at a 10x lower LR (base.yaml's lr_min, `lr_schedule: step`): the loss
+    # flattens at the constant LR, and the drop sharpens the base (README, "How the recipe was chosen").
+    base_low_lr_steps: int = 0
     i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v
     nproc: int = 1
     # Distillation stages (all start from the ODE init, none reads another) trained side by side, the
@@ -322,6 +325,17 @@ class Chain:
             "ode": str(d("ode") / "export" / "generator"),
         }
 
+    def base_schedule(self) -> list[str]:
+        """The base's LR overrides: a step down to base.yaml's lr_min for its last `base_low_lr_steps`."""
+        p = self.profile
+        if not p.base_low_lr_steps:
+            return []
+        if not 0 < p.base_low_lr_steps < p.base_steps:
+            raise ValueError(
+                f"base_low_lr_steps={p.base_low_lr_steps} must be in (0, base_steps={p.base_steps})"
+            )
+        return ["lr_schedule=step", f"lr_decay_start={p.base_steps - p.base_low_lr_steps}"]
+
     def run(self) -> None:
         p = self.profile
         paths = self.paths()
@@ -329,7 +343,7 @@ class Chain:
         self.train(
             "base",
             "base model: bidirectional network regressing the exact teacher",
-            [paths["clips"]],
+            [paths["clips"], *self.base_schedule()],
             p.base_steps,
         )
         self.evaluate_base()
