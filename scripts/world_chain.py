@@ -109,14 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.long_samples is not None and args.long_samples < 1:
         p.error(f"--long_samples must be >= 1, got {args.long_samples}")
-    if args.jobs is not None and args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
-    base_steps = PROFILES[args.profile].base_steps
-    if args.base_low_lr_steps is not None and not 0 <= args.base_low_lr_steps < base_steps:
-        p.error(
-            f"--base_low_lr_steps must be in [0, {base_steps}) (the profile's base steps), got {args.base_low_lr_steps}"
-        )
-    profile = profile_from_args(args)
+    try:
+        profile = profile_from_args(args)
+    except ValueError as err:  # the profile's own checks (--jobs, --base_low_lr_steps)
+        p.error(str(err))
     out = args.out or ("runs/world" if args.profile == "quick" else f"runs/world_{args.profile}")
     Chain(out, profile).run()
     return 0

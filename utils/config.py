@@ -167,12 +167,11 @@ class TrainConfig:
     lr_warmup_steps: int = 0  # linear LR warm-up steps, then lr_schedule
     # after the warm-up: constant | linear | cosine decay to lr_min | step (drop to lr_min at lr_decay_start)
     lr_schedule: str = "constant"
-    lr_decay_start: int | None = (
-        None  # optimizer step the decay (or drop) starts at; None = after the warm-up
-    )
+    # optimizer step the decay (or drop) starts at; None = right after the warm-up
+    lr_decay_start: int | None = None
     lr_decay_steps: int | None = None  # optimizer steps of the decay; None = max_steps - its start
-    lr_min: float = 0.0  # generator LR at the end of a linear/cosine decay
-    lr_min_critic: float = 0.0  # critic LR at the end of a linear/cosine decay
+    lr_min: float = 0.0  # generator LR at the end of a linear/cosine decay, or after a step
+    lr_min_critic: float = 0.0  # critic LR at the end of a linear/cosine decay, or after a step
     max_grad_norm_generator: float = 10.0  # gradient clipping of the generator
     max_grad_norm_critic: float = 10.0  # gradient clipping of the critic
     # EMA decay of the generator; a list keeps one EMA per rate ([0.99, 0.999]); 0 disables EMA

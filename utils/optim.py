@@ -87,12 +87,11 @@ class WarmupDecay(LinearWarmup):
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps or self.schedule == "constant":
             return super().__call__(step)
-        start = self.decay_start
-        if step < start:
+        if step < self.decay_start:
             return 1.0
         if self.schedule == "step":
             return self.min_ratio
-        p = min(1.0, (step - start) / self.decay_steps)
+        p = min(1.0, (step - self.decay_start) / self.decay_steps)
         if self.schedule == "linear":
             return 1.0 - (1.0 - self.min_ratio) * p
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))

@@ -94,6 +94,14 @@ class Profile:
     # in a rolling window without a sink (RANDOM_START_OVERRIDES, RANDOM_START_LONG_WINDOW).
     random_start: bool = False
 
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        if not 0 <= self.base_low_lr_steps < self.base_steps:
+            raise ValueError(
+                f"base_low_lr_steps={self.base_low_lr_steps} must be in [0, base_steps={self.base_steps})"
+            )
+
 
 DMD_STAGES = ("sf_dmd", "dmd_teacher_forcing", "dmd_diffusion_forcing")  # not the I2V stage: see below
 DMD_CRITIC_KEEPS_UP = ("dfake_gen_update_ratio=10", "lr=5e-5")
@@ -258,7 +266,7 @@ class Chain:
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(stage) for stage in stages]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [error for f in futures if (error := f.exception()) is not None]
         if errors:
             raise errors[0]
 
@@ -330,10 +338,6 @@ class Chain:
         p = self.profile
         if not p.base_low_lr_steps:
             return []
-        if not 0 < p.base_low_lr_steps < p.base_steps:
-            raise ValueError(
-                f"base_low_lr_steps={p.base_low_lr_steps} must be in (0, base_steps={p.base_steps})"
-            )
         return ["lr_schedule=step", f"lr_decay_start={p.base_steps - p.base_low_lr_steps}"]
 
     def run(self) -> None:
