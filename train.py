@@ -35,7 +35,7 @@ from recipe.roles import Placement, build_dit_role, build_text_encoder_role
 from recipe.samples import sample_videos
 from recipe.state import TrainerState, TrainingDivergedError, micro_seed
 from recipe.stop import StopSignals, check_divergence
-from utils.checkpoint import Checkpointer, ModelState, OptimizerState, ScalarState
+from utils.checkpoint import Checkpointer, ModelState, OptimizerState, ScalarState, SchedulerState
 from utils.config import TrainConfig, config_to_dict, ema_rates, load_config, resolve_accumulation
 from utils.dataset import StatefulDistributedSampler, infinite_loader
 from utils.distributed import (
@@ -181,11 +181,11 @@ class Trainer:
             "generator": ModelState(self.generator, optimizers["generator"]),
             "trainer": ScalarState(self.state),
             "sampler": ScalarState(self.sampler),
-            "lr_generator": schedulers["generator"],
+            "lr_generator": SchedulerState(schedulers["generator"]),
         }
         if self.critic is not None:
             state["critic"] = ModelState(self.critic, optimizers["critic"])
-            state["lr_critic"] = schedulers["critic"]
+            state["lr_critic"] = SchedulerState(schedulers["critic"])
         for rate, name in ema_entry_names(list(self.emas)).items():
             state[name] = self.emas[rate]
         if self.optim.warmup_optimizer is not None:

@@ -14,7 +14,7 @@ from utils.checkpoint import Checkpointer
 from utils.config import TrainConfig
 from utils.distributed import broadcast_object, raise_user_error_everywhere, resolve_seed
 from utils.errors import UserError
-from utils.optim import apply_base_lrs, apply_schedule, schedule_settings
+from utils.optim import apply_base_lrs, apply_schedule
 from utils.run_record import check_resume_config, saved_run_config
 
 logger = logging.getLogger("train")
@@ -57,14 +57,13 @@ def restore_latest(
     # This run's configured rates: a scheduler keeps them as `initial_lr` (its `lr` is already
     # scaled by the schedule's factor at step 0, e.g. a warm-up's).
     base_lrs = {name: [g.get("initial_lr", g["lr"]) for g in opt.param_groups] for name, opt in optimizers}
-    # The schedules as this config builds them (a changed decay horizon passed the run-record
-    # check only with the override flag): the load brings back the saved run's.
-    schedules = {name: schedule_settings(s) for name, s in lr_schedulers.items()}
+    # The schedules stay as this config builds them (a changed decay horizon passed the run-record
+    # check only with the override flag): the checkpoint holds only their positions (SchedulerState).
     step = checkpointer.load_latest(state)
     for name, opt in optimizers:
         apply_base_lrs(opt, lr_schedulers.get(name), base_lrs[name])
-    for name, scheduler in lr_schedulers.items():
-        apply_schedule(scheduler, schedules[name])
+    for scheduler in lr_schedulers.values():
+        apply_schedule(scheduler)
     if step is not None:
         logger.info("resumed from step %d", step)
     return step

@@ -25,11 +25,13 @@ from utils.checkpoint import (
     CheckpointError,
     ModelState,
     NonFiniteCheckpointError,
+    SchedulerState,
     export_upstream_pt,
     gather_full_state_dict,
 )
 from utils.distributed import build_mesh, shard_model
 from utils.ema import EMA
+from utils.optim import apply_schedule, build_scheduler
 
 
 class Sampler:
@@ -309,3 +311,39 @@ def test_parameters_without_optimizer_state_save_load_and_continue_exactly(world
     train_steps(resumed, resumed_optim, 1, seed=2)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(full(a), full(b)), name
+
+
+def test_scheduler_state_loads_a_checkpoint_written_before_a_multiplier_field(world1, tmp_path):
+    # Checkpoints used to hold LambdaLR's own state dict, the multiplier's fields included; a
+    # WarmupDecay of that time had no decay_start, so a run saved then could not resume once it had one.
+    _, optim = build(world1, seed=0)
+    old = build_scheduler(optim, warmup_steps=2, schedule="linear", decay_steps=10, min_ratio=0.1)
+    for _ in range(5):
+        optim.step()
+        old.step()
+    del old.lr_lambdas[0].decay_start
+    Checkpointer(tmp_path).save(5, {"lr": old})
+    _, optim2 = build(world1, seed=0)
+    with pytest.raises(CheckpointError, match="decay_start"):  # loaded as before: the missing field
+        Checkpointer(tmp_path).load_latest({"lr": build_scheduler(optim2, 2, "linear", 10, 0.1)})
+    # Through SchedulerState the position comes back and the multiplier stays as this run built it
+    # (here a step down at 7 to 0.1 of the peak 1e-2, which the saved run did not have).
+    new = build_scheduler(optim2, 2, "step", 1, 0.1, decay_start=7)
+    assert Checkpointer(tmp_path).load_latest({"lr": SchedulerState(new)}) == 5
+    assert (new.last_epoch, new._step_count, new.base_lrs) == (5, old._step_count, [1e-2])
+    assert vars(new.lr_lambdas[0]) == {
+        "warmup_steps": 2, "schedule": "step", "decay_steps": 1, "min_ratio": 0.1, "decay_start": 7
+    }  # fmt: skip
+    apply_schedule(new)
+    lrs = []
+    for _ in range(3):
+        lrs.append(optim2.param_groups[0]["lr"])
+        optim2.step()
+        new.step()
+    assert lrs == [1e-2, 1e-2, 1e-2 * 0.1]  # steps 5, 6: the peak; 7: lr_min
+    # New checkpoints hold the position only: the same round trip, nothing of the multiplier saved.
+    Checkpointer(tmp_path / "new").save(8, {"lr": SchedulerState(new)})
+    again = build_scheduler(build(world1, seed=0)[1], 2, "step", 1, 0.1, decay_start=7)
+    assert Checkpointer(tmp_path / "new").load_latest({"lr": SchedulerState(again)}) == 8
+    assert (again.last_epoch, again._last_lr) == (new.last_epoch, new._last_lr)
+    assert "lr_lambdas" not in SchedulerState(new).state_dict()

@@ -242,6 +242,25 @@ class ScalarState(Stateful):
         self.inner.load_state_dict({k: v.item() for k, v in state_dict.items()})
 
 
+class SchedulerState(Stateful):
+    """An LR scheduler's place in a checkpoint: its step counter and rates, without its multipliers'
+    fields (`LambdaLR.state_dict` carries a callable's `__dict__`, e.g. `WarmupDecay`'s). Every start
+    rebuilds those from the run's config (recipe.resume.restore_latest), so the checkpoint need not
+    hold them, and one written before a field existed (`decay_start`) still loads."""
+
+    def __init__(self, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.scheduler.state_dict()
+        del state["lr_lambdas"]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # None: LambdaLR leaves that multiplier as this run built it.
+        self.scheduler.load_state_dict({**state_dict, "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

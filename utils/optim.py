@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +60,8 @@ class WarmupDecay(LinearWarmup):
 
     With `k = step - decay_start` steps into the decay and `p = min(1, k / decay_steps)`:
     linear `1 - (1 - min_ratio) p`; cosine `min_ratio + (1 - min_ratio) (1 + cos(pi p)) / 2`.
-    Its fields travel in the LR scheduler's state dict (LambdaLR saves a callable object's `__dict__`).
+    Its fields come from the run's config at every start; a checkpoint holds only the scheduler's
+    position (utils.checkpoint.SchedulerState).
     """
 
     def __init__(
@@ -138,21 +138,11 @@ def apply_base_lrs(
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def schedule_settings(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[dict[str, Any]]:
-    """The settings of a scheduler's multipliers (a `WarmupDecay`'s fields), as built from this run's
-    config: taken before a checkpoint load, which overwrites them with the saved run's."""
-    return [dict(vars(fn)) for fn in scheduler.lr_lambdas]
-
-
-def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, settings: Sequence[dict[str, Any]]) -> None:
-    """After a checkpoint load: give the multipliers this run's `settings` back (the load brought the
-    saved run's, e.g. the decay horizon of a smaller `max_steps`), keep the restored step counter, and
-    set every group's LR to `base_lr x multiplier(step)`, the expression `LambdaLR.step()` evaluates,
-    so an unchanged schedule leaves each LR bit for bit as it was saved."""
-    if len(settings) != len(scheduler.lr_lambdas):
-        raise ValueError(f"{len(settings)} schedule settings for {len(scheduler.lr_lambdas)} multipliers")
-    for fn, fields in zip(scheduler.lr_lambdas, settings):
-        fn.__dict__.update(fields)
+def apply_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After a checkpoint load (which restores the step counter, not the multipliers: SchedulerState):
+    set every group's LR to `base_lr x multiplier(step)` with this run's multipliers (e.g. the decay
+    horizon of a larger `max_steps`), the expression `LambdaLR.step()` evaluates, so an unchanged
+    schedule leaves each LR bit for bit as it was saved."""
     step = scheduler.last_epoch
     lrs = [base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
