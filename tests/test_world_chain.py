@@ -357,3 +357,40 @@ def test_base_step_down_reaches_the_base_run_as_a_schedule(tmp_path, monkeypatch
     assert Chain(tmp_path / "b", PROFILES["full"]).base_schedule() == []
     with pytest.raises(ValueError, match="base_low_lr_steps=10"):
         Chain(tmp_path / "c", dataclasses.replace(profile, base_low_lr_steps=10)).base_schedule()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_run_orders_stages_longest_first_and_pools_the_base_eval(tmp_path, monkeypatch, jobs):
+    """Chain.run's order (stages recorded, not run): the distillation stages start longest first by
+    SIDE_BY_SIDE_SECONDS; with jobs > 1 the base's evaluation joins them (last: the shortest) on the
+    torch threads of one job, which the process gets back afterwards; with jobs = 1 it follows the base."""
+    from world.chain import SIDE_BY_SIDE_SECONDS, Chain
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("world.report.write_report", lambda inputs: None)
+    profile = dataclasses.replace(PROFILES["full"], jobs=jobs)
+    chain = Chain(tmp_path, profile)
+    order: list[str] = []
+    pools: list[int] = []
+    monkeypatch.setattr(chain, "data", lambda: order.append("data"))
+    monkeypatch.setattr(chain, "ode_pairs", lambda: order.append("ode_pairs"))
+    monkeypatch.setattr(chain, "train", lambda stage, what, overrides, steps, jobs=1: order.append(stage))
+    monkeypatch.setattr(chain, "evaluate_base", lambda: order.append(f"base_eval@{torch.get_num_threads()}"))
+    monkeypatch.setattr(chain, "_run_stage", lambda stage, what, fn: order.append(stage))
+
+    def pool(stages, n):
+        pools.append(n)
+        for stage in stages:
+            stage()
+
+    monkeypatch.setattr(Chain, "side_by_side", staticmethod(pool))
+    threads = torch.get_num_threads()
+    chain.run()
+    distill = sorted(["sf_dmd", "sf_dmd_i2v", *profile.baselines], key=lambda s: -SIDE_BY_SIDE_SECONDS[s])
+    assert distill[:2] == ["sf_gan", "sf_dmd_i2v"] and distill[-1] == "dmd_diffusion_forcing"
+    if jobs == 1:
+        assert order == ["data", "base", f"base_eval@{threads}", "ode_pairs", "ode", *distill, "eval"]
+    else:
+        assert order == ["data", "base", "ode_pairs", "ode", *distill, "base_eval@8", "eval"]
+    assert pools == [jobs] and torch.get_num_threads() == threads

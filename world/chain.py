@@ -6,7 +6,8 @@ command runs again, an interrupted one resumes from its last checkpoint):
 0. data        prompt files (train / held-out) and the training clips as a clean-latent LMDB
 1. base        bidirectional world network regressing the exact teacher (train.py, teacher_regression)
    base_eval   the base's own samples (the students' 4-step schedule, a 40-step ODE) and its x0 error
-               against the exact teacher: every later stage inherits its quality
+               against the exact teacher: every later stage inherits its quality (with `jobs` > 1 it
+               runs beside the distillation stages: nothing reads it before the report)
 2. ode_pairs   exact-teacher ODE trajectories (scripts/generate_ode_pairs.py --weights exact)
 3. ode         ODE-regression initialisation of the causal student (train.py, ode)
 4. sf_dmd      Self-Forcing DMD from the ODE init (train.py, dmd)
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -121,6 +123,9 @@ PROFILES = {
         "full", base_steps=4000, pairs_per_prompt=38, ode_steps=1000, distill_steps=800,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
         eval_samples=16, eval_train_prompts=8, long_samples=6, i2v=True, jobs=2,
+        # not 3000 + 500 at a tenth of the LR (--base_low_lr_steps 500): 3 min less and the base's
+        # targets met, but its ODE init and students less coherent (Self-Forcing DMD 0.85 against 0.93;
+        # README, "A base 500 steps shorter").
         # at 800 critic steps on the 4000-step base, DMD's critic fell behind and Self-Forcing DMD
         # collapsed onto one shade (140/12/8); ten critic steps per generator step at half the LR kept
         # the shades (README, "Distillation knobs"). Self-Forcing DMD and its DMD baselines get it alike
@@ -153,6 +158,13 @@ RANDOM_START_WORLD = (
     "networks without frame rows (RoPE alone orders frames); past 12 frames a rolling window of 12 "
     "frames without a sink"
 )
+# Seconds each side-by-side stage took in the full profile, beside another on one thread (README,
+# "Measured: the full profile"; base_eval: its two-thread time x 1.4). The pool starts them longest
+# first, so the last two end close together instead of one core waiting on a long stage started last.
+SIDE_BY_SIDE_SECONDS = {
+    "sf_gan": 444, "sf_dmd_i2v": 407, "sf_dmd": 351, "sf_sid": 319,
+    "dmd_teacher_forcing": 222, "dmd_diffusion_forcing": 171, "base_eval": 77,
+}  # fmt: skip
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
 X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
 
@@ -167,6 +179,19 @@ def few_step_overrides(cfg) -> list[str]:
     """Overrides that give another config this one's few-step schedule."""
     steps = ",".join(str(s) for s in cfg.denoising_step_list)
     return [f"denoising_step_list=[{steps}]", f"warp_denoising_step={str(cfg.warp_denoising_step).lower()}"]
+
+
+@contextmanager
+def _torch_threads(jobs: int):
+    """This process's torch threads while `jobs` stages share the cores (its in-process evaluation
+    beside training subprocesses), as `_env` gives each subprocess; an OMP_NUM_THREADS set is kept."""
+    before = torch.get_num_threads()
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _say(message: str) -> None:
@@ -350,7 +375,11 @@ class Chain:
             [paths["clips"], *self.base_schedule()],
             p.base_steps,
         )
-        self.evaluate_base()
+        # With stages side by side the base's evaluation (nothing reads it before the report) waits
+        # for the distillation stages and fills a core one of them leaves idle.
+        pool_base_eval = p.jobs > 1
+        if not pool_base_eval:
+            self.evaluate_base()
         self.ode_pairs()
         self.train(
             "ode", "ODE initialisation of the causal student from the base",
@@ -370,14 +399,16 @@ class Chain:
             "sf_gan": "clips",
         }
         distill += [(stage, f"baseline: {LABELS[stage]}", paths[data_of[stage]]) for stage in p.baselines]
-        jobs = min(p.jobs, len(distill))
-        self.side_by_side(
-            [
-                partial(self.train, s, what, [data, *from_ode], p.distill_steps, jobs)
-                for s, what, data in distill
-            ],
-            jobs,
-        )
+        jobs = min(p.jobs, len(distill) + pool_base_eval)
+        tasks = [
+            (s, partial(self.train, s, what, [data, *from_ode], p.distill_steps, jobs))
+            for s, what, data in distill
+        ]
+        if pool_base_eval:
+            tasks.append(("base_eval", self.evaluate_base))
+        tasks.sort(key=lambda task: -SIDE_BY_SIDE_SECONDS[task[0]])  # longest first
+        with _torch_threads(jobs):
+            self.side_by_side([run for _, run in tasks], jobs)
         self._run_stage(
             "eval",
             "evaluate every student (4-step autoregressive inference, 12 and 36 frames)",
