@@ -181,13 +181,18 @@ def few_step_overrides(cfg) -> list[str]:
     return [f"denoising_step_list=[{steps}]", f"warp_denoising_step={str(cfg.warp_denoising_step).lower()}"]
 
 
+def _thread_share(processes: int) -> int:
+    """Threads for each of `processes` processes sharing this machine's cores (at least one)."""
+    return max(1, (os.cpu_count() or 2) // processes)
+
+
 @contextmanager
 def _torch_threads(jobs: int):
     """This process's torch threads while `jobs` stages share the cores (its in-process evaluation
     beside training subprocesses), as `_env` gives each subprocess; an OMP_NUM_THREADS set is kept."""
     before = torch.get_num_threads()
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // jobs))
+        torch.set_num_threads(_thread_share(jobs))
     try:
         yield
     finally:
@@ -209,7 +214,7 @@ def _env(nproc: int, jobs: int = 1) -> dict[str, str]:
     running beside it (an OMP_NUM_THREADS already set is kept)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (nproc * jobs))))
+    env.setdefault("OMP_NUM_THREADS", str(_thread_share(nproc * jobs)))
     env.setdefault("WANDB_MODE", "disabled")
     return env
 
