@@ -44,6 +44,8 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         changes["i2v"] = False
     if args.long_samples is not None:
         changes["long_samples"] = args.long_samples
+    if args.eval_samples is not None:
+        changes["eval_samples"] = args.eval_samples
     overrides = profile.overrides
     if args.network:  # every network of every training stage: each starts from the one before
         net = [f"{role}.{change}" for role in NETWORK_ROLES for change in args.network]
@@ -97,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_i2v", action="store_true", help="leave out the image-to-video stage")
     p.add_argument("--long_samples", type=int, default=None, help="36-frame rollouts per held-out prompt")
     p.add_argument(
+        "--eval_samples", type=int, default=None,
+        help="samples per evaluated prompt at the training length (and continuations per held-out prompt); "
+        "more narrows every interval (default: the profile's)",
+    )  # fmt: skip
+    p.add_argument(
         "--distill_seed", type=int, default=None,
         help="training seed of every distillation stage (the configs' own: 3); base, ODE pairs and ODE init "
         "are unchanged, so a run root holding them can be copied and only the students re-trained",
@@ -107,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "NETWORK, e.g. num_layers=4): the base, the ODE init and every student, generator and critic alike",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.long_samples is not None and args.long_samples < 1:
-        p.error(f"--long_samples must be >= 1, got {args.long_samples}")
+    for flag in ("long_samples", "eval_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     try:
         profile = profile_from_args(args)
     except ValueError as err:  # the profile's own checks (--jobs, --base_low_lr_steps)

@@ -280,8 +280,11 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
 
     with pytest.raises(SystemExit):
         cli.main(["--baselines", "sf_dmd"])  # not a baseline
-    with pytest.raises(SystemExit):
-        cli.main(["--long_samples", "0"])
+    for flag in ("--long_samples", "--eval_samples"):
+        with pytest.raises(SystemExit):
+            cli.main([flag, "0"])
+    assert cli.main(["--profile", "full", "--out", str(tmp_path / "e"), "--eval_samples", "48"]) == 0
+    assert ran[-1][1] == dataclasses.replace(full, eval_samples=48)
     with pytest.raises(SystemExit):
         cli.main(["--jobs", "0"])
     assert cli.main(["--profile", "full", "--out", str(tmp_path / "f"), "--jobs", "3"]) == 0
