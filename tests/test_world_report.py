@@ -99,6 +99,9 @@ def test_report_without_base_shows_verdicts_from_the_intervals(tmp_path, metrics
     noise, equal = (_row(report, "### all_attributes", LABELS[m]) for m in ("ode", "dmd_teacher_forcing"))
     assert len(noise) == 4 and all(c.startswith("**beats**") for c in noise)
     assert all(c.startswith("overlap") for c in equal)
+    # Coherence too: the shifted clips are as coherent as the real ones, noise never is.
+    noise, equal = (_row(report, "### coherence", LABELS[m]) for m in ("ode", "dmd_teacher_forcing"))
+    assert all(c.startswith("**beats**") for c in noise) and all(c.startswith("overlap") for c in equal)
     # Shifted by one pixel: trajectory error exactly 1 against 0, precision 0 against 1.
     for key in ("trajectory_error", "precision"):
         assert all(

@@ -51,7 +51,9 @@ BASE_TARGETS = {"all_attributes": 0.9, "coherence": 0.9}
 BASE_TARGET_SPLIT = "heldout_ode40"
 MAX_BASE_X0_RMSE = ("500", 0.05)
 # Self-Forcing DMD against every other student on these, at 12 frames and per long-rollout segment.
-VERDICT_KEYS = ("all_attributes", "frame_coherence", "trajectory_error", "precision")
+# coherence (every frame of a video coherent) is the strict sharpness rate the targets name; frame
+# coherence the share of coherent frames, which ranks students that are not yet sharp.
+VERDICT_KEYS = ("all_attributes", "coherence", "frame_coherence", "trajectory_error", "precision")
 # The rivals of the target "beats its ODE init, TF-DMD and DF-DMD beyond the intervals".
 RIVALS = ("ode", "dmd_teacher_forcing", "dmd_diffusion_forcing")
 METHOD = "sf_dmd"
