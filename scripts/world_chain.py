@@ -52,7 +52,7 @@ def profile_from_args(args: argparse.Namespace) -> Profile:
         overrides = {s: [*overrides.get(s, []), *net] for s in CONFIG_OF}
     if args.distill_seed is not None:  # every stage after the ODE init: same init, another seed
         seed = f"seed={args.distill_seed}"
-        distill = [s for s in CONFIG_OF if s not in ("base", "ode")]
+        distill = [s for s in CONFIG_OF if s not in ("base", "ode", "ode_i2v")]
         overrides = {**overrides, **{s: [*overrides.get(s, []), seed] for s in distill}}
     if overrides is not profile.overrides:
         changes["overrides"] = overrides

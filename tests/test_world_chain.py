@@ -41,13 +41,15 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
         "ode_pairs",
         "ode",
         "sf_dmd",
+        "ode_pairs_i2v",
+        "ode_i2v",
         "sf_dmd_i2v",
         *smoke.baselines,
         "eval",
     ]
     for stage in stages:
         assert (out / stage / "DONE.json").is_file(), stage
-    for stage in ["base", "ode", "sf_dmd", "sf_dmd_i2v", *smoke.baselines]:
+    for stage in ["base", "ode", "sf_dmd", "ode_i2v", "sf_dmd_i2v", *smoke.baselines]:
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["step"] > 0 and (out / stage / "export" / "generator").is_dir(), stage
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -60,13 +62,13 @@ def test_smoke_chain_runs_every_stage_and_writes_the_report(tmp_path):
     assert len(metrics["sf_dmd"]["heldout_long"]["segments"]) == 3
     # continuation: every student from the first block, SF-DMD and the I2V student from the first frame
     cont = json.loads((out / "eval" / "continuation.json").read_text())
-    assert set(cont) == {"settings", "data", *STUDENTS, "sf_dmd_i2v"}
-    assert set(cont["sf_dmd_i2v"]) == {"first_frame"}
+    assert set(cont) == {"settings", "data", *STUDENTS, "ode_i2v", "sf_dmd_i2v"}
+    assert set(cont["sf_dmd_i2v"]) == set(cont["ode_i2v"]) == {"first_frame"}
     assert set(cont["sf_dmd"]) == {"first_block", "first_block_long", "first_frame"}
     assert set(cont["ode"]) == {"first_block", "first_block_long"}
     assert len(cont["sf_dmd"]["first_block_long"]["segments"]) == 3
     assert cont["data"]["first_block"]["summary"]["accuracy"] == 1.0  # the truth continues itself
-    for method in (*STUDENTS, "sf_dmd_i2v"):
+    for method in (*STUDENTS, "ode_i2v", "sf_dmd_i2v"):
         for part in cont[method].values():  # the lossless codec gives the given frames back unchanged
             assert part["summary"]["context_rmse"] == 0.0
             assert part["summary"]["n"] in (10 * smoke.eval_samples, 10 * smoke.long_samples)  # 10 held out
@@ -260,6 +262,7 @@ def test_command_line_picks_students_samples_and_distillation_seed(tmp_path, mon
     assert deep.overrides == {
         "base": net,
         "ode": net,
+        "ode_i2v": net,  # an init, like the ODE init: the seed leaves it alone
         "sf_dmd": [*critic, *net, "seed=5"],
         "dmd_teacher_forcing": [*critic, *net, "seed=5"],
         "dmd_diffusion_forcing": [*critic, *net, "seed=5"],
@@ -377,7 +380,7 @@ def test_run_orders_stages_longest_first_and_pools_the_base_eval(tmp_path, monke
     order: list[str] = []
     pools: list[int] = []
     monkeypatch.setattr(chain, "data", lambda: order.append("data"))
-    monkeypatch.setattr(chain, "ode_pairs", lambda: order.append("ode_pairs"))
+    monkeypatch.setattr(chain, "ode_pairs", lambda stage="ode_pairs", frames=12, jobs=1: order.append(stage))
     monkeypatch.setattr(chain, "train", lambda stage, what, overrides, steps, jobs=1: order.append(stage))
     monkeypatch.setattr(chain, "evaluate_base", lambda: order.append(f"base_eval@{torch.get_num_threads()}"))
     monkeypatch.setattr(chain, "_run_stage", lambda stage, what, fn: order.append(stage))
@@ -391,7 +394,9 @@ def test_run_orders_stages_longest_first_and_pools_the_base_eval(tmp_path, monke
     threads = torch.get_num_threads()
     chain.run()
     distill = sorted(["sf_dmd", "sf_dmd_i2v", *profile.baselines], key=lambda s: -SIDE_BY_SIDE_SECONDS[s])
-    assert distill[:2] == ["sf_gan", "sf_dmd_i2v"] and distill[-1] == "dmd_diffusion_forcing"
+    assert distill[:2] == ["sf_dmd_i2v", "sf_gan"] and distill[-1] == "dmd_diffusion_forcing"
+    # the I2V slot: its 13-frame pairs, its ODE init, then the student, one after the other
+    distill[:1] = ["ode_pairs_i2v", "ode_i2v", "sf_dmd_i2v"]
     if jobs == 1:
         assert order == ["data", "base", f"base_eval@{threads}", "ode_pairs", "ode", *distill, "eval"]
     else:

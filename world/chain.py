@@ -12,7 +12,9 @@ command runs again, an interrupted one resumes from its last checkpoint):
 3. ode         ODE-regression initialisation of the causal student (train.py, ode)
 4. sf_dmd      Self-Forcing DMD from the ODE init (train.py, dmd)
    sf_dmd_i2v  the same, image-to-video: every rollout starts from a training clip's first frame
-               (full and smoke profiles)
+               (full and smoke profiles), from an I2V ODE init: ode_pairs_i2v (13-frame exact
+               trajectories), then ode_i2v (ODE regression with the first frame clean, from the ODE init);
+               the three run one after the other in one slot beside the other distillation stages
 5. baselines   from the same ODE init, the same generator updates: DMD on teacher-forced and on
                diffusion-forced inputs (causvid), Self-Forcing with SiD and with the GAN loss
 6. eval        every student with the same 4-step autoregressive inference, at the training length and
@@ -54,6 +56,7 @@ LABELS = {
     "sf_sid": "Self-Forcing SiD",
     "sf_gan": "Self-Forcing GAN",
     "sf_dmd_i2v": "Self-Forcing DMD, image-to-video",
+    "ode_i2v": "ODE init, image-to-video",
 }
 CONFIG_OF = {
     "base": "base",
@@ -64,6 +67,7 @@ CONFIG_OF = {
     "sf_sid": "sid",
     "sf_gan": "gan",
     "sf_dmd_i2v": "dmd_i2v",
+    "ode_i2v": "ode_i2v",
 }
 
 
@@ -84,7 +88,9 @@ class Profile:
     # The base's last steps at a 10x lower LR (base.yaml's lr_min, `lr_schedule: step`): the loss
     # flattens at the constant LR, and the drop sharpens the base (README, "How the recipe was chosen").
     base_low_lr_steps: int = 0
-    i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v
+    i2v: bool = False  # train and evaluate the image-to-video stage sf_dmd_i2v (and its ODE init)
+    # Steps of the I2V ODE init (fine-tuning the ODE init on 13-frame trajectories, first frame clean).
+    i2v_ode_steps: int = 300
     nproc: int = 1
     # Distillation stages (all start from the ODE init, none reads another) trained side by side, the
     # cores split between them: on 2 cores two one-thread runs of these small networks finish sooner
@@ -112,7 +118,7 @@ PROFILES = {
     "smoke": Profile(
         "smoke", base_steps=20, pairs_per_prompt=1, ode_steps=10, distill_steps=10,
         baselines=("dmd_teacher_forcing", "dmd_diffusion_forcing", "sf_sid", "sf_gan"),
-        eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8, i2v=True,
+        eval_samples=2, eval_train_prompts=2, long_samples=1, ode_sampler_steps=8, i2v=True, i2v_ode_steps=10,
     ),
     "quick": Profile(
         "quick", base_steps=760, pairs_per_prompt=8, ode_steps=300, distill_steps=250,
@@ -136,6 +142,7 @@ PROFILES = {
 }  # fmt: skip
 
 TRAIN_FRAMES = 12
+I2V_FRAMES = TRAIN_FRAMES + 1  # the image + 4 blocks of 3 (configs/world/dmd_i2v.yaml)
 LONG_FRAMES = 36
 # Long rollouts: a rolling KV window of 12 frames whose first block (3 frames) is a sink.
 # (A student trained with its own window, `model_kwargs.local_attn_size`, rolls out with that window.)
@@ -159,10 +166,12 @@ RANDOM_START_WORLD = (
     "frames without a sink"
 )
 # Seconds each side-by-side stage took in the full profile, beside another on one thread (README,
-# "Measured: the full profile"; base_eval: its two-thread time x 1.4). The pool starts them longest
-# first, so the last two end close together instead of one core waiting on a long stage started last.
+# "Measured: the full profile"; base_eval: its two-thread time x 1.4; sf_dmd_i2v: its slot, the I2V
+# ODE pairs and ODE init (25 + 131 s alone on two threads, x 1.4) before the 407 s of the I2V stage).
+# The pool starts them longest first, so the last two end close together instead of one core waiting
+# on a long stage started last.
 SIDE_BY_SIDE_SECONDS = {
-    "sf_gan": 444, "sf_dmd_i2v": 407, "sf_dmd": 351, "sf_sid": 319,
+    "sf_dmd_i2v": 625, "sf_gan": 444, "sf_dmd": 351, "sf_sid": 319,
     "dmd_teacher_forcing": 222, "dmd_diffusion_forcing": 171, "base_eval": 77,
 }  # fmt: skip
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
@@ -333,26 +342,44 @@ class Chain:
 
         self._run_stage(stage, what, run)
 
-    def ode_pairs(self) -> None:
+    def ode_pairs(self, stage: str = "ode_pairs", frames: int = TRAIN_FRAMES, jobs: int = 1) -> None:
+        """Exact-teacher trajectories of `frames` frames (`ode_pairs_i2v`: 13, for the I2V ODE init)."""
         p = self.profile
         steps = p.ode_sampler_steps
         keep = [0, steps // 4, steps // 2, 3 * steps // 4, -1]  # t = 1000, 937.5, 833.3, 625 (shift 5), 0
 
         def run() -> None:
             args = [
-                "--prompts", str(self.stage_dir("data") / "train_prompts.txt"), "--out", str(self.stage_dir("ode_pairs")),
+                "--prompts", str(self.stage_dir("data") / "train_prompts.txt"), "--out", str(self.stage_dir(stage)),
                 "--model", "world", "--weights", "exact-random-start" if p.random_start else "exact",
                 "--text_encoder", "world", "--negative_prompt", "",
                 "--guidance_scale", "1", "--shift", "5", "--num_steps", str(steps),
                 "--keep_indices", *map(str, keep), "--samples_per_prompt", str(p.pairs_per_prompt),
-                "--latent_frames", str(TRAIN_FRAMES), "--latent_height", "4", "--latent_width", "4",
+                "--latent_frames", str(frames), "--latent_height", "4", "--latent_width", "4",
                 "--batch_size", "64",
             ]  # fmt: skip
-            self._subprocess("ode_pairs", self._torchrun("scripts/generate_ode_pairs.py", args))
+            self._subprocess(stage, self._torchrun("scripts/generate_ode_pairs.py", args), jobs=jobs)
 
-        self._run_stage(
-            "ode_pairs", f"exact-teacher ODE trajectories ({p.pairs_per_prompt} per training prompt)", run
-        )
+        what = f"exact-teacher ODE trajectories of {frames} frames ({p.pairs_per_prompt} per training prompt)"
+        self._run_stage(stage, what, run)
+
+    def image_to_video(self, jobs: int = 1) -> None:
+        """The I2V student's slot: 13-frame ODE pairs, the I2V ODE init (the ODE init fine-tuned on them
+        with the first frame clean, as configs/ode_init_i2v.yaml does for Wan), then Self-Forcing DMD
+        image-to-video from it, its critic from it too. Without the I2V ODE init, DMD alone had to learn
+        frame 12 (past the 12-frame networks' positions) and reached continuation accuracy 0.38 (README)."""
+        paths = self.paths()
+        self.ode_pairs("ode_pairs_i2v", I2V_FRAMES, jobs)
+        self.train(
+            "ode_i2v", "I2V ODE init: the ODE init on 13-frame trajectories, the first frame given",
+            [f"data_path={self.stage_dir('ode_pairs_i2v')}", f"generator_ckpt={paths['ode']}"],
+            self.profile.i2v_ode_steps, jobs,
+        )  # fmt: skip
+        init = [f"generator_ckpt={paths['ode_i2v']}", f"fake_score_ckpt={paths['ode_i2v']}"]
+        self.train(
+            "sf_dmd_i2v", f"{LABELS['sf_dmd_i2v']} from the I2V ODE init", [paths["clips"], *init],
+            self.profile.distill_steps, jobs,
+        )  # fmt: skip
 
     def paths(self) -> dict[str, str]:
         d = self.stage_dir
@@ -361,6 +388,7 @@ class Chain:
             "prompts": f"data_path={d('data') / 'train_prompts.txt'}",
             "base": str(d("base") / "export" / "generator"),
             "ode": str(d("ode") / "export" / "generator"),
+            "ode_i2v": str(d("ode_i2v") / "export" / "generator"),
         }
 
     def base_schedule(self) -> list[str]:
@@ -395,8 +423,6 @@ class Chain:
         # (40/10/30; README, "Distillation knobs"). Every distillation run gets the same critic.
         from_ode = [f"generator_ckpt={paths['ode']}", f"fake_score_ckpt={paths['ode']}"]
         distill = [("sf_dmd", "Self-Forcing DMD from the ODE init", paths["prompts"])]
-        if p.i2v:  # same init, critic and steps; the clips' first frames as images
-            distill.append(("sf_dmd_i2v", f"{LABELS['sf_dmd_i2v']} from the ODE init", paths["clips"]))
         data_of = {
             "dmd_teacher_forcing": "clips",
             "dmd_diffusion_forcing": "clips",
@@ -404,11 +430,13 @@ class Chain:
             "sf_gan": "clips",
         }
         distill += [(stage, f"baseline: {LABELS[stage]}", paths[data_of[stage]]) for stage in p.baselines]
-        jobs = min(p.jobs, len(distill) + pool_base_eval)
+        jobs = min(p.jobs, len(distill) + p.i2v + pool_base_eval)
         tasks = [
             (s, partial(self.train, s, what, [data, *from_ode], p.distill_steps, jobs))
             for s, what, data in distill
         ]
+        if p.i2v:  # the same critic steps, from its own ODE init; the clips' first frames as images
+            tasks.append(("sf_dmd_i2v", partial(self.image_to_video, jobs)))
         if pool_base_eval:
             tasks.append(("base_eval", self.evaluate_base))
         tasks.sort(key=lambda task: -SIDE_BY_SIDE_SECONDS[task[0]])  # longest first
@@ -421,8 +449,10 @@ class Chain:
         )
         from .report import ReportInputs, write_report
 
-        i2v = ("sf_dmd_i2v",) if p.i2v else ()
-        stages = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd", *i2v, *p.baselines, "eval")
+        i2v = ("ode_i2v", "sf_dmd_i2v") if p.i2v else ()
+        t2v = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd")
+        # the I2V student after the T2V stages it follows from: its pairs, its ODE init, itself
+        stages = (*t2v, *(("ode_pairs_i2v", *i2v) if p.i2v else ()), *p.baselines, "eval")
         write_report(
             ReportInputs(
                 root=self.root, profile=p.name, machine=self.machine(),
@@ -534,11 +564,12 @@ class Chain:
         from .continuation_eval import run_continuation_eval
 
         p = self.profile
-        runs = {s: self.stage_dir(s) for s in (*self.students(), *(("sf_dmd_i2v",) if p.i2v else ()))}
+        i2v = ("ode_i2v", "sf_dmd_i2v") if p.i2v else ()
+        runs = {s: self.stage_dir(s) for s in (*self.students(), *i2v)}
         settings = {s: ["first_block", "first_block_long"] for s in self.students()}
         settings["sf_dmd"].append("first_frame")
         if p.i2v:  # blocks of [1, 3, 3, ...]: it takes one given frame, the image
-            settings["sf_dmd_i2v"] = ["first_frame"]
+            settings["ode_i2v"] = settings["sf_dmd_i2v"] = ["first_frame"]
         run_continuation_eval(runs, settings, self.eval_prompts()["heldout"], p.eval_samples, p.long_samples,
                               self.window(), self.stage_dir("eval"), say=_say, random_start=p.random_start)  # fmt: skip
 
