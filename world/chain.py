@@ -165,14 +165,13 @@ RANDOM_START_WORLD = (
     "networks without frame rows (RoPE alone orders frames); past 12 frames a rolling window of 12 "
     "frames without a sink"
 )
-# Seconds each side-by-side stage took in the full profile, beside another on one thread (README,
-# "Measured: the full profile"; base_eval: its two-thread time x 1.4; sf_dmd_i2v: its slot, the I2V
-# ODE pairs and ODE init (25 + 131 s alone on two threads, x 1.4) before the 407 s of the I2V stage).
-# The pool starts them longest first, so the last two end close together instead of one core waiting
-# on a long stage started last.
+# Seconds each side-by-side stage took in the full profile's fresh run at ea7f6b9, beside another on
+# one thread (README, "Measured: the full profile"; sf_dmd_i2v: its slot, I2V ODE pairs 27 + I2V ODE
+# init 183 + I2V student 427). The pool starts them longest first, so the last two end close together
+# instead of one core waiting on a long stage started last.
 SIDE_BY_SIDE_SECONDS = {
-    "sf_dmd_i2v": 625, "sf_gan": 444, "sf_dmd": 351, "sf_sid": 319,
-    "dmd_teacher_forcing": 222, "dmd_diffusion_forcing": 171, "base_eval": 77,
+    "sf_dmd_i2v": 637, "sf_gan": 477, "sf_dmd": 360, "sf_sid": 331,
+    "dmd_teacher_forcing": 225, "dmd_diffusion_forcing": 180, "base_eval": 86,
 }  # fmt: skip
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
 X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
