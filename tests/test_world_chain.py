@@ -402,3 +402,35 @@ def test_run_orders_stages_longest_first_and_pools_the_base_eval(tmp_path, monke
     else:
         assert order == ["data", "base", "ode_pairs", "ode", *distill, "base_eval@8", "eval"]
     assert pools == [jobs] and torch.get_num_threads() == threads
+
+
+def test_image_to_video_slot_starts_the_student_from_its_own_ode_init(tmp_path, monkeypatch):
+    """The I2V slot (commands recorded, not run): 13-frame exact pairs, then the I2V ODE init regressed on
+    them from the T2V ODE init, then the I2V student with generator and critic from the I2V ODE init,
+    every step on the slot's share of the cores."""
+    from world.chain import Chain
+
+    chain = Chain(tmp_path, PROFILES["full"])
+    commands: dict[str, list[str]] = {}
+    jobs_of: dict[str, int] = {}
+
+    def record(stage, cmd, total_steps=None, jobs=1):
+        commands.setdefault(stage, cmd)
+        jobs_of[stage] = jobs
+
+    monkeypatch.setattr(chain, "_subprocess", record)
+    chain.image_to_video(jobs=2)
+    assert list(commands) == ["ode_pairs_i2v", "ode_i2v", "sf_dmd_i2v"]
+    assert set(jobs_of.values()) == {2}
+    pairs = commands["ode_pairs_i2v"]
+    assert pairs[pairs.index("--latent_frames") + 1] == "13"
+    assert pairs[pairs.index("--out") + 1] == str(tmp_path / "ode_pairs_i2v")
+    ode = commands["ode_i2v"]
+    assert ode[ode.index("--config") + 1].endswith("configs/world/ode_i2v.yaml")
+    assert f"data_path={tmp_path / 'ode_pairs_i2v'}" in ode
+    assert f"generator_ckpt={tmp_path / 'ode' / 'export' / 'generator'}" in ode
+    assert "max_steps=300" in ode
+    student = commands["sf_dmd_i2v"]
+    init = tmp_path / "ode_i2v" / "export" / "generator"
+    assert f"generator_ckpt={init}" in student and f"fake_score_ckpt={init}" in student
+    assert f"data_path={tmp_path / 'data' / 'clips'}" in student and "max_steps=800" in student
