@@ -448,7 +448,7 @@ class Chain:
         )
         from .report import ReportInputs, write_report
 
-        i2v = ("ode_i2v", "sf_dmd_i2v") if p.i2v else ()
+        i2v = self.i2v_students()
         t2v = ("data", "base", "base_eval", "ode_pairs", "ode", "sf_dmd")
         # the I2V student after the T2V stages it follows from: its pairs, its ODE init, itself
         stages = (*t2v, *(("ode_pairs_i2v", *i2v) if p.i2v else ()), *p.baselines, "eval")
@@ -469,6 +469,10 @@ class Chain:
     # ------------------------------------------------------------------ evaluation
     def students(self) -> list[str]:
         return ["ode", "sf_dmd", *self.profile.baselines]
+
+    def i2v_students(self) -> tuple[str, ...]:
+        """The image-to-video runs judged from the first frame: the I2V ODE init and the I2V student."""
+        return ("ode_i2v", "sf_dmd_i2v") if self.profile.i2v else ()
 
     def eval_prompts(self) -> dict[str, list]:
         from .render import split_prompts
@@ -563,12 +567,11 @@ class Chain:
         from .continuation_eval import run_continuation_eval
 
         p = self.profile
-        i2v = ("ode_i2v", "sf_dmd_i2v") if p.i2v else ()
-        runs = {s: self.stage_dir(s) for s in (*self.students(), *i2v)}
+        runs = {s: self.stage_dir(s) for s in (*self.students(), *self.i2v_students())}
         settings = {s: ["first_block", "first_block_long"] for s in self.students()}
         settings["sf_dmd"].append("first_frame")
-        if p.i2v:  # blocks of [1, 3, 3, ...]: it takes one given frame, the image
-            settings["ode_i2v"] = settings["sf_dmd_i2v"] = ["first_frame"]
+        for s in self.i2v_students():  # blocks of [1, 3, 3, ...]: they take one given frame, the image
+            settings[s] = ["first_frame"]
         run_continuation_eval(runs, settings, self.eval_prompts()["heldout"], p.eval_samples, p.long_samples,
                               self.window(), self.stage_dir("eval"), say=_say, random_start=p.random_start)  # fmt: skip
 
