@@ -394,9 +394,10 @@ def test_run_orders_stages_longest_first_and_pools_the_base_eval(tmp_path, monke
     threads = torch.get_num_threads()
     chain.run()
     distill = sorted(["sf_dmd", "sf_dmd_i2v", *profile.baselines], key=lambda s: -SIDE_BY_SIDE_SECONDS[s])
-    assert distill[:2] == ["sf_dmd_i2v", "sf_gan"] and distill[-1] == "dmd_diffusion_forcing"
+    assert distill[0] == "sf_gan" and distill[-1] == "dmd_diffusion_forcing"
     # the I2V slot: its 13-frame pairs, its ODE init, then the student, one after the other
-    distill[:1] = ["ode_pairs_i2v", "ode_i2v", "sf_dmd_i2v"]
+    slot = distill.index("sf_dmd_i2v")
+    distill[slot : slot + 1] = ["ode_pairs_i2v", "ode_i2v", "sf_dmd_i2v"]
     if jobs == 1:
         assert order == ["data", "base", f"base_eval@{threads}", "ode_pairs", "ode", *distill, "eval"]
     else:
@@ -429,8 +430,15 @@ def test_image_to_video_slot_starts_the_student_from_its_own_ode_init(tmp_path, 
     assert ode[ode.index("--config") + 1].endswith("configs/world/ode_i2v.yaml")
     assert f"data_path={tmp_path / 'ode_pairs_i2v'}" in ode
     assert f"generator_ckpt={tmp_path / 'ode' / 'export' / 'generator'}" in ode
-    assert "max_steps=300" in ode
+    assert "max_steps=150" in ode  # the full profile's i2v_ode_steps
     student = commands["sf_dmd_i2v"]
     init = tmp_path / "ode_i2v" / "export" / "generator"
     assert f"generator_ckpt={init}" in student and f"fake_score_ckpt={init}" in student
-    assert f"data_path={tmp_path / 'data' / 'clips'}" in student and "max_steps=800" in student
+    assert f"data_path={tmp_path / 'data' / 'clips'}" in student
+    assert "max_steps=400" in student  # the full profile's i2v_distill_steps
+    # a profile without its own I2V critic steps gives the I2V student every student's
+    commands.clear()
+    other = Chain(tmp_path / "other", dataclasses.replace(PROFILES["full"], i2v_distill_steps=None))
+    monkeypatch.setattr(other, "_subprocess", record)
+    other.image_to_video(jobs=2)
+    assert "max_steps=800" in commands["sf_dmd_i2v"]
