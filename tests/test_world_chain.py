@@ -442,3 +442,6 @@ def test_image_to_video_slot_starts_the_student_from_its_own_ode_init(tmp_path, 
     monkeypatch.setattr(other, "_subprocess", record)
     other.image_to_video(jobs=2)
     assert "max_steps=800" in commands["sf_dmd_i2v"]
+    for bad in ({"i2v_distill_steps": 0}, {"i2v_ode_steps": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be >= 1"):
+            dataclasses.replace(PROFILES["full"], **bad)

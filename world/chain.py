@@ -107,6 +107,9 @@ class Profile:
     def __post_init__(self) -> None:
         if self.jobs < 1:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+        for name in ("i2v_ode_steps", "i2v_distill_steps"):
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (i2v_distill_steps: or None), got {value}")
         if not 0 <= self.base_low_lr_steps < self.base_steps:
             raise ValueError(
                 f"base_low_lr_steps={self.base_low_lr_steps} must be in [0, base_steps={self.base_steps})"
