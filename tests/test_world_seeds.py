@@ -11,6 +11,7 @@ import torch
 
 from world.continuation import Continuation
 from world.continuation_eval import _window
+from world.continuation_eval import summarise as summarise_continuation
 from world.evaluate import evaluate, summarise
 from world.render import Clip, Prompt, render
 from world.seeds import CONTINUATION_MEANS, CONTINUATION_RATES, MEAN_KEYS, RATE_KEYS, main, pool, seeds_report
@@ -86,6 +87,17 @@ def _root(tmp_path, name: str, seed: int, world: str = "World: centre.") -> str:
         ev = evaluate(_videos(kind, seed=seed), ASKED)
         metrics[method] = {"heldout": {"summary": ev.summary(), "segments": ev.per_segment()}}
     (root / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    # continuations: Self-Forcing DMD from a first block (all exact), the I2V student from a first frame only
+    clips = [Clip(p, i % 3) for p in PROMPTS for i in range(PER_PROMPT)]
+    exact = torch.zeros(len(clips), 12)
+    off = exact.clone()
+    off[seed::4, 5] = 0.5  # every fourth continuation (from `seed`) misses one frame
+    shade = torch.tensor([c.shade for c in clips])[:, None].expand(-1, 12)
+    continuation = {
+        "sf_dmd": {"first_block": summarise_continuation(Continuation(clips, 3, 12, exact, shade))},
+        "sf_dmd_i2v": {"first_frame": summarise_continuation(Continuation(clips, 1, 12, off, shade))},
+    }
+    (root / "eval" / "continuation.json").write_text(json.dumps(continuation))
     (root / "report.md").write_text(f"# report\n\n{world}\n")
     return root
 
@@ -97,11 +109,22 @@ def test_seeds_report_pools_runs_and_counts_the_runs_each_student_loses(tmp_path
     text = out.read_text()
     held = text.split("## Held-out prompts, 12 frames")[1].split("##")[0]
     sf = next(line for line in held.splitlines() if line.startswith("| Self-Forcing DMD"))
-    assert sf.startswith(f"| Self-Forcing DMD | {2 * len(ASKED)} | 1.00 [")  # both runs' samples
+    n = 2 * len(ASKED)
+    assert sf.startswith(f"| Self-Forcing DMD | {n} | 1.00 [")  # both runs' samples
     coherence = text.split("### coherence")[1].split("###")[0]
     ode = next(line for line in coherence.splitlines() if line.startswith("| ODE init"))
     assert "**beats** 0.00 [0.00, 0." in ode and "(runs: 2/2)" in ode  # noise is never coherent
     assert "World: centre." in text
+    cont = text.split("## Continuation")[1]
+    rows = {line.split(" | ")[0]: line for line in cont.splitlines() if line.startswith("| ")}
+    assert rows["| Self-Forcing DMD"].endswith(
+        f"| accuracy 1.00 [0.86, 1.00] (runs 1.00 / 1.00), n {n} | - |"
+    )
+    # seed 1 misses rows 1, 5, 9 (3 of 12), seed 2 rows 2, 6, 10: 6 of 24 pooled
+    assert "accuracy 0.75 [" in rows["| Self-Forcing DMD, image-to-video"]
+    assert rows["| Self-Forcing DMD, image-to-video"].startswith(
+        "| Self-Forcing DMD, image-to-video | - | accuracy"
+    )
 
 
 def test_seeds_report_refuses_runs_of_different_worlds_and_missing_evaluations(tmp_path):

@@ -212,19 +212,22 @@ def seeds_report(roots: Sequence[Path]) -> str:
 
 
 def _continuation_lines(continuation: Sequence[Mapping]) -> list[str]:
+    """Pooled continuation accuracy per student and setting (a student judged in only some settings,
+    e.g. the I2V ones from the first frame, gets "-" in the others)."""
     methods = [
         m for m in continuation[0] if m not in ("settings", "data") and all(m in c for c in continuation)
     ]
-    settings = (
-        [s for s in continuation[0][methods[0]] if all(s in c[m] for c in continuation for m in methods)]
-        if methods
-        else []
-    )
+    settings: list[str] = []
+    for m in methods:
+        settings += [s for s in continuation[0][m] if s not in settings]
     lines = ["## Continuation (world.continuation_eval), pooled", ""]
     lines += ["| | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
     for m in methods:
         cells = []
         for s in settings:
+            if not all(s in c[m] for c in continuation):
+                cells.append("-")
+                continue
             per_run = [c[m][s]["summary"] for c in continuation]
             pooled = pool(per_run, CONTINUATION_RATES, CONTINUATION_MEANS)
             runs = " / ".join(_fmt(r, "accuracy") for r in per_run)
