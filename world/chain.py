@@ -174,14 +174,13 @@ RANDOM_START_WORLD = (
     "networks without frame rows (RoPE alone orders frames); past 12 frames a rolling window of 12 "
     "frames without a sink"
 )
-# Seconds each side-by-side stage took in the full profile's fresh run at ea7f6b9, beside another on
-# one thread (README, "Measured: the full profile"). sf_dmd_i2v is its slot: there I2V ODE pairs 27 +
-# I2V ODE init 183 (300 steps) + I2V student 427 (800 critic steps); at the profile's 150 + 400 steps
-# estimated as 27 + 183 / 2 + 427 / 2. The pool starts them longest first, so the last two end close together
+# Seconds each side-by-side stage took in the full profile's fresh run at 2f68170, beside another on
+# one thread (README, "Measured: the full profile"; sf_dmd_i2v: its slot, I2V ODE pairs 24 + I2V ODE
+# init 93 + I2V student 217). The pool starts them longest first, so the last two end close together
 # instead of one core waiting on a long stage started last.
 SIDE_BY_SIDE_SECONDS = {
-    "sf_gan": 477, "sf_dmd": 360, "sf_dmd_i2v": 332, "sf_sid": 331,
-    "dmd_teacher_forcing": 225, "dmd_diffusion_forcing": 180, "base_eval": 86,
+    "sf_gan": 434, "sf_dmd": 337, "sf_dmd_i2v": 334, "sf_sid": 320,
+    "dmd_teacher_forcing": 211, "dmd_diffusion_forcing": 172, "base_eval": 85,
 }  # fmt: skip
 BASE_ODE_STEPS = 40  # the base's many-step samples: Euler steps of its probability-flow ODE
 X0_TIMESTEPS = (200, 500, 800)  # where the base's x0 prediction is compared with the exact teacher's
