@@ -68,14 +68,21 @@ def pool(
         raise ValueError("pool: no summaries")
     ns = [sample_count(s) for s in summaries]
     total = sum(ns)
+
+    def weighted(values) -> float:  # the mean over all samples of per-run means `values`
+        return math.fsum(v * n for v, n in zip(values, ns)) / total
+
+    def interval(rate: float) -> list[float]:  # rounding can put a pooled 1.0 a hair above 1
+        return list(wilson_interval(min(max(rate, 0.0), 1.0), total))
+
     out: dict = {"n": total}
     for key in rates:
         if all(key in s for s in summaries):
-            out[key] = math.fsum(s[key] * n for s, n in zip(summaries, ns)) / total
-            out[f"{key}_ci"] = list(wilson_interval(min(max(out[key], 0.0), 1.0), total))
+            out[key] = weighted(s[key] for s in summaries)
+            out[f"{key}_ci"] = interval(out[key])
     for key in means:
         if all(key in s for s in summaries):
-            m = math.fsum(s[key] * n for s, n in zip(summaries, ns)) / total
+            m = weighted(s[key] for s in summaries)
             # Sum of squares about the pooled mean: each run's own, plus n (its mean - m)^2.
             ss = math.fsum(_sum_of_squares(s, key, n) + n * (s[key] - m) ** 2 for s, n in zip(summaries, ns))
             half = Z95 * math.sqrt(ss / (total - 1)) / math.sqrt(total) if total > 1 else math.inf
@@ -86,10 +93,9 @@ def pool(
         all("coherence_by_frame" in s for s in summaries)
         and len({len(s["coherence_by_frame"]) for s in summaries}) == 1
     ):
-        by_frame = [math.fsum(s["coherence_by_frame"][f] * n for s, n in zip(summaries, ns)) / total
-                    for f in range(len(summaries[0]["coherence_by_frame"]))]  # fmt: skip
+        by_frame = [weighted(frame) for frame in zip(*(s["coherence_by_frame"] for s in summaries))]
         out["coherence_by_frame"] = by_frame
-        out["coherence_by_frame_ci"] = [list(wilson_interval(min(max(p, 0.0), 1.0), total)) for p in by_frame]
+        out["coherence_by_frame_ci"] = [interval(p) for p in by_frame]
     return out
 
 
@@ -102,7 +108,8 @@ def _world_line(root: Path) -> str | None:
     return None
 
 
-def _load(roots: Sequence[Path]) -> tuple[list[dict], list[dict | None]]:
+def _load(roots: Sequence[Path]) -> tuple[list[dict], list[dict | None], str | None]:
+    """Each root's metrics and continuation results (None: none), and their common "World:" line."""
     if len(roots) < 2:
         raise ValueError(f"world.seeds: give at least two run roots, got {len(roots)}")
     metrics, continuation = [], []
@@ -115,14 +122,14 @@ def _load(roots: Sequence[Path]) -> tuple[list[dict], list[dict | None]]:
         metrics.append(json.loads(path.read_text()))
         cont = root / "eval" / "continuation.json"
         continuation.append(json.loads(cont.read_text()) if cont.is_file() else None)
-    worlds = {_world_line(r) for r in roots}
-    if len(worlds) > 1:
-        lines = "; ".join(f"{r}: {_world_line(r) or 'no World line'}" for r in roots)
+    worlds = [_world_line(r) for r in roots]
+    if len(set(worlds)) > 1:
+        lines = "; ".join(f"{r}: {w or 'no World line'}" for r, w in zip(roots, worlds))
         raise ValueError(f"world.seeds: the roots were run in different worlds, nothing to pool: {lines}")
-    if METHOD not in metrics[0] or any(METHOD not in m for m in metrics):
-        missing = [str(r) for r, m in zip(roots, metrics) if METHOD not in m]
+    missing = [str(r) for r, m in zip(roots, metrics) if METHOD not in m]
+    if missing:
         raise ValueError(f"world.seeds: no {METHOD} results in {missing}")
-    return metrics, continuation
+    return metrics, continuation, worlds[0]
 
 
 def _students(metrics: Sequence[Mapping]) -> list[str]:
@@ -149,12 +156,11 @@ def _fmt(summary: Mapping, key: str) -> str:
 def seeds_report(roots: Sequence[Path]) -> str:
     """The pooled tables and verdicts of `roots` as markdown."""
     roots = [Path(r) for r in roots]
-    metrics, continuation = _load(roots)
+    metrics, continuation, world = _load(roots)
     students = _students(metrics)
     windows = {s: _pooled_windows([m[s] for m in metrics]) for s in students}
     lines = [f"# Shapes world: {len(roots)} runs pooled", "", "Roots (seed order below):", ""]
     lines += [f"{i + 1}. `{r}`" for i, r in enumerate(roots)]
-    world = _world_line(roots[0])
     lines += ["", *([world, ""] if world else [])]
     lines += [
         "Pooled: every sample of every run an independent draw of the method (95% intervals in brackets);",
